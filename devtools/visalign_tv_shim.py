@@ -46,7 +46,7 @@ class _TorchvisionOpsFinder(importlib.abc.MetaPathFinder):
         except Exception:
             pass
         lib = torch.library.Library("torchvision", "FRAGMENT")  # noqa: TOR901 - kept alive below
-        for name, schema in _SCHEMAS.items():
+        for schema in _SCHEMAS.values():
             try:
                 lib.define(schema)
             except RuntimeError:

@@ -127,7 +127,11 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     kwargs = {}
     missing = []
     for f in dataclasses.fields(cls):
-        if f.name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+        if (
+            f.name not in data
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ):
             missing.append(f"--{where}.{f.name}" if where else f"--{f.name}")
     if missing:
         raise ConfigError(f"missing required setting(s): {', '.join(missing)}")
@@ -216,18 +220,23 @@ def build_parser(cls: type, parser: argparse.ArgumentParser | None = None, **kw)
     Underscores may be written as dashes (``--top-k`` == ``--top_k``).
     """
     parser = parser or argparse.ArgumentParser(**kw)
-    parser.add_argument("--config", default=None, metavar="YAML", help="a preset (see jobs/); flags override it")
+    parser.add_argument(
+        "--config", default=None, metavar="YAML", help="a preset (see jobs/); flags override it"
+    )
     for name, tp, default, doc in _flat_fields(cls):
         flags = [f"--{name}"]
         if "_" in name:
             flags.append(f"--{name.replace('_', '-')}")
         shown = "required" if default is _MISSING else f"default: {default!r}"
+        # a bare boolean flag (`--overwrite`) means true; `--overwrite false` still works
+        is_bool = _unwrap_optional(tp)[0] is bool
         parser.add_argument(
             *flags,
             dest=name,
             default=argparse.SUPPRESS,
             metavar=_type_label(tp),
             help=f"{doc} ({shown})".replace("%", "%%"),
+            **({"nargs": "?", "const": "true"} if is_bool else {}),
         )
     return parser
 

@@ -6,6 +6,7 @@ Layout of an output root ``OUT/``::
     OUT/wordlist.txt         the normalised word list the labels index into (line i = word id i)
     OUT/rejects.parquet      id, source, reason of every input that was skipped
     OUT/config.yaml          the resolved LabelConfig
+    OUT/settings.json        the content-changing settings + digest (a rerun with others is refused)
     OUT/shard-000000.tar     WebDataset shards; written as .tar.tmp and renamed when complete
     OUT/shard-000000.json    per-shard stats sidecar (its presence + checksum marks the shard done)
 

@@ -20,7 +20,11 @@ import pytest  # noqa: E402
 
 # Real photos that ship inside the scikit-image / scikit-learn wheels, with hand-written captions.
 PHOTOS = {
-    "astronaut": ("skimage", "astronaut", "An astronaut in a white spacesuit holding a helmet in front of a flag."),
+    "astronaut": (
+        "skimage",
+        "astronaut",
+        "An astronaut in a white spacesuit holding a helmet in front of a flag.",
+    ),
     "cat": ("skimage", "chelsea", "A ginger tabby cat looking to the side."),
     "coffee": ("skimage", "coffee", "A cup of coffee on a saucer with a spoon."),
     "rocket": ("skimage", "rocket", "A rocket standing on a launch pad under a blue sky."),
@@ -59,7 +63,10 @@ def write_photo_dataset(root: Path, names: list[str] | None = None, max_side: in
                 "id": key,
                 "image": f"{key}.jpg",
                 "conversations": [
-                    {"from": "human", "value": "<image>\nDescribe the image briefly." if i % 2 else "<image>"},
+                    {
+                        "from": "human",
+                        "value": "<image>\nDescribe the image briefly." if i % 2 else "<image>",
+                    },
                     {"from": "gpt", "value": caption},
                 ],
             }
@@ -81,3 +88,88 @@ def cache_dir(tmp_path_factory) -> Path:
 def photo_dataset(tmp_path_factory) -> Path:
     """LLaVA-format JSON of the bundled real photos; images under ``<json dir>/images``."""
     return write_photo_dataset(tmp_path_factory.mktemp("photos"))
+
+
+def write_tiny_shards(
+    root: Path,
+    num_samples: int = 6,
+    samples_per_shard: int = 2,
+    P: int = 16,
+    D: int = 32,
+    K: int = 4,
+    feature_layer: int = -2,
+    fingerprint: str = "enc-fp",
+    words=None,
+) -> Path:
+    """Synthetic label shards through ``pipeline.shards`` only (no encoder, no Dask): random features, labels,
+    alternating caption / conversation samples. Deterministic in its arguments."""
+    import io
+    import tarfile
+
+    from pipeline import shards as S
+
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    words = words or [f"word{i}" for i in range(20)]
+    (root / S.WORDLIST).write_text("".join(w + "\n" for w in words))
+    infos = []
+    for first in range(0, num_samples, samples_per_shard):
+        name = S.SHARD_PATTERN.format(len(infos))
+        ids = range(first, min(first + samples_per_shard, num_samples))
+        with tarfile.open(root / name, "w") as tar:
+            for i in ids:
+                scores = -np.sort(-rng.random((P, K)), axis=1).astype(np.float16)
+                meta = {"id": f"s{i:04d}", "source": "synthetic", "orig_size": [32, 32]}
+                if i % 2:
+                    meta["caption"] = f"a photo of word{i % 20} and word{(i * 7) % 20}"
+                else:
+                    meta["conversations"] = [
+                        {"from": "human", "value": "<image>\nWhat is this?"},
+                        {"from": "gpt", "value": f"It shows word{i % 20}."},
+                    ]
+                members = {
+                    S.FEAT: S.encode_npy(rng.standard_normal((P, D)).astype(np.float16)),
+                    S.LABELS: S.encode_npy(rng.integers(0, len(words), (P, K)).astype(np.int32)),
+                    S.SCORES: S.encode_npy(scores),
+                    S.META: json.dumps(meta).encode(),
+                }
+                for ext, data in members.items():
+                    info = tarfile.TarInfo(f"s{i:04d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        infos.append(S.ShardInfo(name=name, num_samples=len(ids), sha256=S.sha256_file(root / name)))
+    side = int(round(P**0.5))
+    manifest = S.Manifest(
+        encoder=S.EncoderInfo(
+            name="synthetic",
+            backend="hf",
+            fingerprint=fingerprint,
+            image_size=side * 4,
+            feature_layer=feature_layer,
+            patch_grid=[side, P // side],
+            feature_dim=D,
+            joint_dim=D,
+        ),
+        wordlist=S.WordlistInfo(
+            source="synthetic", sha256=S.sha256_file(root / S.WORDLIST), count=len(words)
+        ),
+        templates=["{}"],
+        score_sign="cos",
+        top_k=K,
+        shards=infos,
+        num_samples=num_samples,
+        num_rejects=0,
+    )
+    S.write_manifest(root, manifest)
+    return root
+
+
+@pytest.fixture
+def tiny_shards(tmp_path):
+    """Factory: ``tiny_shards(num_samples=6, samples_per_shard=2, P=16, D=32, K=4, ...)`` -> shards root."""
+    counter = iter(range(1000))
+
+    def make(**kw) -> Path:
+        return write_tiny_shards(tmp_path / f"shards{next(counter)}", **kw)
+
+    return make

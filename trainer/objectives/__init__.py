@@ -14,10 +14,16 @@ from torch import nn
 
 from pipeline.registry import Registry
 from trainer.objectives.base import Needs, Objective, ObjectiveContext
+from trainer.objectives.basic import BasicConfig, BasicObjective
+from trainer.objectives.distill import DistillConfig, DistillObjective
 from trainer.objectives.lm import LMConfig, LMObjective
+from trainer.objectives.sea import SeaConfig, SeaObjective
 
 OBJECTIVES: Registry = Registry("objective")
 OBJECTIVES["lm"] = LMObjective
+OBJECTIVES["sea"] = SeaObjective
+OBJECTIVES["basic"] = BasicObjective
+OBJECTIVES["distill"] = DistillObjective
 
 
 @dataclasses.dataclass
@@ -25,6 +31,12 @@ class ObjectivesConfig:
     """Per-objective settings; only the objectives named in ``--objective`` are built."""
 
     lm: LMConfig = dataclasses.field(default_factory=LMConfig)
+    sea: SeaConfig = dataclasses.field(default_factory=SeaConfig)
+    """SEA: contrast sampled patch tokens with their label words' LLM embeddings (objectives/sea.py)"""
+    basic: BasicConfig = dataclasses.field(default_factory=BasicConfig)
+    """BASIC: shallow LLM layers supervise the projector output (trainer/objectives/basic.py)"""
+    distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
+    """reverse-projector self-distillation into the encoder (and expert) features (objectives/distill.py)"""
 
 
 def parse_spec(spec: str) -> list[str]:
@@ -59,6 +71,10 @@ def objective_weights(cfg: ObjectivesConfig, names: list[str]) -> dict[str, floa
 
 __all__ = [
     "OBJECTIVES",
+    "BasicConfig",
+    "DistillConfig",
+    "LMConfig",
+    "SeaConfig",
     "Needs",
     "Objective",
     "ObjectiveContext",

@@ -45,7 +45,8 @@ class Needs:
     hidden_layers: tuple[int, ...] = ()
     """LLM layers l whose hidden states H_l at the visual positions are needed (HF ``hidden_states[l]``)."""
     attention_layers: tuple[int, ...] = ()
-    """LLM layers (1-based, as H_l) whose text->visual attention probabilities are averaged into out.text_to_visual_BP."""
+    """LLM layers (1-based, as H_l) whose text->visual attention probabilities are averaged into
+    out.text_to_visual_BP."""
 
     def union(self, other: Needs) -> Needs:
         return Needs(

@@ -1,0 +1,156 @@
+"""Vision-encoder registry: name -> factory -> ``VisionEncoder`` (see ``base.py`` for the interface).
+
+Names: ``tiny-clip``, ``tiny-siglip`` (random-init, built once into the cache, both backends),
+``random-vit-b16`` (CLIP ViT-B/16 sizes, random init, hf), ``clip`` (CLIP ViT-L/14-336, LLaVA-1.5's tower),
+``siglip`` (SigLIP-SO400M/14-384). A local HF CLIP/SigLIP checkpoint folder is accepted as a name too.
+Backends: ``hf`` (transformers, the default) and ``open_clip``. Options: ``dense`` ("none" | "maskclip",
+CLIP towers) and ``text_context`` (truncate the CLIP text context for speed on single words).
+
+Only torch/transformers-level imports happen here; open_clip and timm are imported inside the open_clip
+backend when it is asked for, so the trainer (which imports this for export) never pulls them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.encoders.base import (
+    BACKENDS,
+    DENSE_MODES,
+    EncoderOutput,
+    Preprocess,
+    VisionEncoder,
+    build_once,
+    default_cache_dir,
+)
+from pipeline.registry import Registry, UnknownNameError
+
+__all__ = [
+    "BACKENDS",
+    "DENSE_MODES",
+    "ENCODERS",
+    "EncoderOutput",
+    "Preprocess",
+    "VisionEncoder",
+    "default_cache_dir",
+    "load_encoder",
+]
+
+ENCODERS = Registry("encoder")
+
+# Real towers: (hf hub id, open_clip model name, open_clip pretrained tag, open_clip load kwargs).
+REAL = {
+    "clip": ("openai/clip-vit-large-patch14-336", "ViT-L-14-336", "openai", {"force_quick_gelu": True}),
+    "siglip": ("google/siglip-so400m-patch14-384", "ViT-SO400M-14-SigLIP-384", "webli", {}),
+}
+
+
+def _backend(name: str, backend: str | None, allowed: tuple[str, ...] = BACKENDS) -> str:
+    backend = backend or "hf"
+    if backend not in allowed:
+        raise ValueError(
+            f"encoder {name!r}: backend {backend!r} is not available; use one of {list(allowed)}"
+        )
+    return backend
+
+
+def _tiny_folder(name: str, backend: str, cache_dir: str | Path | None) -> Path:
+    """Build (once, atomically) and return the cache folder of a random-init tower."""
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    target = root / "encoders" / f"{name}-{backend}"
+    if backend == "hf":
+        from pipeline.encoders.tiny import build_hf
+
+        return build_once(target, lambda tmp: build_hf(name, tmp))
+    from pipeline.encoders.tiny import build_openclip
+
+    return build_once(target, lambda tmp: build_openclip(name, tmp))
+
+
+def _tiny_factory(name: str):
+    def factory(backend=None, path=None, cache_dir=None, **options) -> VisionEncoder:
+        backend = _backend(name, backend)
+        folder = Path(path) if path is not None else _tiny_folder(name, backend, cache_dir)
+        if backend == "hf":
+            from pipeline.encoders.hf import HFVisionEncoder
+
+            return HFVisionEncoder(name, folder, **options)
+        from pipeline.encoders.openclip import load_openclip_tiny
+
+        return load_openclip_tiny(name, folder, **options)
+
+    factory.__name__ = f"load_{name.replace('-', '_')}"
+    return factory
+
+
+def _real_factory(name: str):
+    hub_id, oc_name, oc_tag, oc_kwargs = REAL[name]
+
+    def factory(backend=None, path=None, cache_dir=None, **options) -> VisionEncoder:
+        backend = _backend(name, backend)
+        if backend == "hf":
+            from pipeline.encoders.hf import HFVisionEncoder
+
+            model_type = "clip" if name == "clip" else "siglip"
+            return HFVisionEncoder(name, path or hub_id, model_type=model_type, **options)
+        from pipeline.encoders.openclip import OpenCLIPVisionEncoder
+
+        return OpenCLIPVisionEncoder(
+            name,
+            oc_name,
+            pretrained=str(path) if path else oc_tag,
+            cache_dir=cache_dir,
+            load_kwargs=oc_kwargs,
+            **options,
+        )
+
+    factory.__name__ = f"load_{name}"
+    return factory
+
+
+def _random_vit_b16(backend=None, path=None, cache_dir=None, **options) -> VisionEncoder:
+    _backend("random-vit-b16", backend, allowed=("hf",))
+    from pipeline.encoders.hf import HFVisionEncoder
+
+    folder = Path(path) if path is not None else _tiny_folder("random-vit-b16", "hf", cache_dir)
+    return HFVisionEncoder("random-vit-b16", folder, **options)
+
+
+for _name in ("tiny-clip", "tiny-siglip"):
+    ENCODERS.register(_name)(_tiny_factory(_name))
+for _name in REAL:
+    ENCODERS.register(_name)(_real_factory(_name))
+ENCODERS.register("random-vit-b16")(_random_vit_b16)
+
+
+def load_encoder(
+    name: str,
+    backend: str | None = None,
+    path: str | None = None,
+    cache_dir: str | None = None,
+    **options,
+) -> VisionEncoder:
+    """The encoder ``name`` (a registry name or a local HF CLIP/SigLIP folder), eval mode, no grad.
+
+    ``path`` points a registry name at local weights (HF folder; open_clip weights file); ``cache_dir``
+    is where tiny towers are built (default ``default_cache_dir()``).
+    ``options``: ``dense``, ``text_context``.
+    """
+    valid_options = {"dense", "text_context"}
+    unknown = sorted(set(options) - valid_options)
+    if unknown:
+        raise ValueError(f"unknown encoder option(s) {unknown}; valid options: {sorted(valid_options)}")
+    options = {k: v for k, v in options.items() if v is not None}
+    if name not in ENCODERS:
+        if Path(name).is_dir():
+            from pipeline.encoders.hf import HFVisionEncoder
+
+            _backend(name, backend, allowed=("hf",))
+            encoder = HFVisionEncoder(str(name), path or name, **options)
+            return encoder.eval().requires_grad_(False)
+        try:
+            ENCODERS[name]
+        except UnknownNameError as err:
+            raise UnknownNameError(f"{err}; or pass a local HF CLIP/SigLIP checkpoint folder") from None
+    encoder = ENCODERS[name](backend=backend, path=path, cache_dir=cache_dir, **options)
+    return encoder.eval().requires_grad_(False)

@@ -1,0 +1,263 @@
+"""The ``hf`` backend: a transformers ``CLIPModel`` or ``SiglipModel`` folder -> ``VisionEncoder``.
+
+Input: a local checkpoint folder (``config.json`` with ``model_type`` "clip" or "siglip", weights, tokenizer
+and image-processor files) or a hub id (only with network or a warm HF cache). Output: an eval-mode encoder
+whose single vision forward gives the LLaVA features and the joint-space patch embeddings:
+
+* CLIP:   feats = ``hidden_states[layer][:, 1:]``;
+          joint = ``visual_projection(post_layernorm(hidden_states[-1][:, 1:]))``;
+          ``dense="maskclip"`` recomputes the last block with its attention replaced by the value path.
+* SigLIP: feats = ``hidden_states[layer]`` (no CLS);
+          joint = ``head(post_layernorm(hidden_states[-1]))`` applied to every token as a length-1 sequence.
+
+``hf_llava_vision`` hands the vision tower to ``trainer export`` in LlavaForConditionalGeneration's layout.
+
+Letters: B batch, S square side, T tokens (with CLS), P patches, D vision width, E joint width, L text length.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from pipeline.encoders.base import (
+    CLIP_MEAN,
+    CLIP_STD,
+    SIGLIP_MEAN,
+    SIGLIP_STD,
+    EncoderOutput,
+    Preprocess,
+    VisionEncoder,
+    check_options,
+    chunks,
+)
+
+HF_MODEL_TYPES = ("clip", "siglip")
+TEXT_BATCH = 256
+# LlavaForConditionalGeneration holds the tower as ``model.vision_tower`` (AutoModel of the vision config).
+LLAVA_VISION_PREFIX = "model.vision_tower."
+
+
+def read_model_type(path: str | Path) -> str:
+    """``model_type`` of a local HF checkpoint folder, with errors that say what is wrong."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"{path} is not an HF checkpoint folder (no config.json): point path= at a folder saved with "
+            "save_pretrained (e.g. a local copy of openai/clip-vit-large-patch14-336)"
+        )
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    if model_type not in HF_MODEL_TYPES:
+        raise ValueError(
+            f"{config_file}: model_type {model_type!r} is not supported; the hf backend loads full "
+            f"{' / '.join(HF_MODEL_TYPES)} models (vision + text towers)"
+        )
+    return model_type
+
+
+def _image_processor_spec(model_type: str, vision_config, path: str | Path | None) -> Preprocess:
+    """Preprocess settings from the folder's ``preprocessor_config.json`` (falls back to the family's)."""
+    size = int(vision_config.image_size)
+    settings: dict[str, Any] = {}
+    proc_file = Path(path) / "preprocessor_config.json" if path else None
+    if proc_file is not None and proc_file.is_file():
+        settings = json.loads(proc_file.read_text())
+    if model_type == "clip":
+        mean, std, mode = CLIP_MEAN, CLIP_STD, "shortest"
+    else:
+        mean, std, mode = SIGLIP_MEAN, SIGLIP_STD, "squash"
+    mean = tuple(settings.get("image_mean", mean))
+    std = tuple(settings.get("image_std", std))
+    if isinstance(settings.get("size"), dict):  # old configs store a bare int: keep the family's mode
+        mode = "shortest" if "shortest_edge" in settings["size"] else "squash"
+    if int(settings.get("resample", 3)) != 3:
+        raise ValueError(f"{proc_file}: only bicubic resampling (resample=3) is reproduced by preprocess")
+    return Preprocess(image_size=size, mean=mean, std=std, resize_mode=mode, crop_rounding="floor")
+
+
+class HFVisionEncoder(VisionEncoder):
+    backend = "hf"
+
+    def __init__(
+        self,
+        name: str,
+        path: str | Path,
+        dense: str = "none",
+        text_context: int | None = None,
+        model_type: str | None = None,
+    ):
+        super().__init__()
+        from transformers import AutoTokenizer
+
+        local = Path(path).is_dir()
+        model_type = read_model_type(path) if local else model_type
+        if model_type not in HF_MODEL_TYPES:
+            raise ValueError(f"{name}: cannot tell whether {path} is a CLIP or SigLIP model")
+        is_clip = model_type == "clip"
+        check_options(name, dense, text_context, is_clip)
+        if is_clip:
+            from transformers import CLIPModel as model_cls
+        else:
+            from transformers import SiglipModel as model_cls
+        # fp32 on load whatever the checkpoint stores: the caller casts (e.g. fp16 on GPU) after the
+        # fingerprint is taken, so the same weights always give the same fingerprint.
+        self.model = model_cls.from_pretrained(str(path), dtype=torch.float32).eval().requires_grad_(False)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        self.model_type = model_type
+        self.name = name
+        self.path = str(path)
+        self.dense = dense
+        self.text_context = int(text_context) if text_context is not None else None
+        vision_config = self.model.config.vision_config
+        self.image_size = int(vision_config.image_size)
+        side = self.image_size // int(vision_config.patch_size)
+        self.patch_grid = (side, side)
+        self.feature_dim = int(vision_config.hidden_size)
+        self.num_layers = int(vision_config.num_hidden_layers)
+        self.num_prefix = 1 if is_clip else 0  # CLIP prepends a CLS token; SigLIP has none
+        self.joint_dim = int(self.model.config.projection_dim) if is_clip else self.feature_dim
+        self.preprocess_spec = _image_processor_spec(model_type, vision_config, path if local else None)
+        self.fingerprint()
+
+    # ------------------------------------------------------------------ vision
+    def forward(self, pixels_BCHW: Tensor, feature_layer: int = -2) -> EncoderOutput:
+        self.check_feature_layer(feature_layer)
+        self.check_pixels(pixels_BCHW)
+        vision = self.model.vision_model
+        out = vision(pixel_values=pixels_BCHW.to(self.model_dtype), output_hidden_states=True)
+        states_BTD = out.hidden_states
+        feats_BPD = states_BTD[feature_layer][:, self.num_prefix :]
+        last_BTD = states_BTD[-1]
+        if self.model_type == "clip":
+            if self.dense == "maskclip":
+                last_BTD = maskclip_hf_layer(vision.encoder.layers[-1], states_BTD[-2])
+            joint_BPE = self.model.visual_projection(vision.post_layernorm(last_BTD[:, 1:]))
+        else:
+            joint_BPE = siglip_head_per_token(vision.head, vision.post_layernorm(last_BTD))
+        return EncoderOutput(feats_BPD=feats_BPD, joint_BPE=joint_BPE)
+
+    # ------------------------------------------------------------------ text
+    def _tokenize(self, texts: list[str]) -> dict[str, Tensor]:
+        if self.model_type == "clip":
+            # Causal mask + end-token pooling: padding to the longest text in the batch (or truncating the
+            # context to ``text_context``) leaves every embedding unchanged, and is much faster than 77.
+            max_length = self.text_context or int(self.model.config.text_config.max_position_embeddings)
+            return self.tokenizer(
+                texts, padding="longest", truncation=True, max_length=max_length, return_tensors="pt"
+            )
+        # SigLIP was trained on a fixed padded context and pools its last position: always pad fully.
+        max_length = int(self.model.config.text_config.max_position_embeddings)
+        enc = self.tokenizer(
+            texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+        )
+        return {"input_ids": enc["input_ids"]}
+
+    @torch.no_grad()
+    def encode_text(self, texts: list[str]) -> Tensor:
+        if isinstance(texts, str):
+            raise TypeError("encode_text expects a list of strings, got a single str")
+        device = next(self.parameters()).device
+        num_batches = (len(texts) + TEXT_BATCH - 1) // TEXT_BATCH
+        out_NE = []
+        for batch in tqdm(
+            chunks(list(texts), TEXT_BATCH), total=num_batches, desc="text", disable=num_batches < 4
+        ):
+            enc = {k: v.to(device) for k, v in self._tokenize(batch).items()}
+            feats = self.model.get_text_features(**enc)
+            # transformers 5 returns an output object here, 4.x a tensor
+            out_NE.append(getattr(feats, "pooler_output", feats).float())
+        if not out_NE:
+            return torch.zeros(0, self.joint_dim)
+        return torch.cat(out_NE)
+
+    # ------------------------------------------------------------------ identity / export
+    def _fingerprint_parts(self):
+        return _identity_config(self.model.config.to_dict()), self.model.state_dict()
+
+    def hf_llava_vision(self):
+        """``(vision_config, state_dict, image_processor)``: keys are the names the vision tower has inside a
+        ``LlavaForConditionalGeneration`` of this transformers version (``model.vision_tower.`` + the
+        ``CLIPVisionModel`` / ``SiglipVisionModel`` keys), ready for ``load_state_dict``; that model's
+        ``save_pretrained`` then writes the standard LLaVA checkpoint."""
+        from transformers import AutoImageProcessor, AutoModel
+
+        vision_config = self.model.config.vision_config
+        ours = self.model.vision_model.state_dict()
+        # transformers 5 flattened CLIPVisionModel (no ``vision_model.`` level in memory), 4.x had it:
+        # ask the class LLaVA builds (on the meta device, no memory) which layout it uses.
+        with torch.device("meta"):
+            tower_keys = set(AutoModel.from_config(vision_config).state_dict())
+        if tower_keys == set(ours):
+            inner = ""
+        elif tower_keys == {f"vision_model.{k}" for k in ours}:
+            inner = "vision_model."
+        else:
+            raise RuntimeError(
+                f"{self.name}: cannot map the vision tower onto the layout of "
+                f"{type(vision_config).__name__}'s model "
+                "in this transformers version"
+            )
+        state = {f"{LLAVA_VISION_PREFIX}{inner}{k}": v.detach().clone() for k, v in ours.items()}
+        try:
+            processor = AutoImageProcessor.from_pretrained(self.path)
+        except OSError:
+            processor = default_image_processor(self.model_type, self.image_size)
+        return vision_config, state, processor
+
+
+def _identity_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The config minus bookkeeping that varies with where/how it was saved (path, library version, dtype)."""
+    skip = {"transformers_version", "dtype", "torch_dtype", "architectures"}
+    return {
+        k: _identity_config(v) if isinstance(v, dict) else v
+        for k, v in config.items()
+        if not str(k).startswith("_") and k not in skip
+    }
+
+
+def default_image_processor(model_type: str, image_size: int):
+    """The family's image processor at ``image_size`` (what a checkpoint folder normally ships)."""
+    if model_type == "clip":
+        from transformers import CLIPImageProcessor
+
+        return CLIPImageProcessor(
+            size={"shortest_edge": image_size},
+            crop_size={"height": image_size, "width": image_size},
+            image_mean=list(CLIP_MEAN),
+            image_std=list(CLIP_STD),
+        )
+    from transformers import SiglipImageProcessor
+
+    return SiglipImageProcessor(
+        size={"height": image_size, "width": image_size},
+        image_mean=list(SIGLIP_MEAN),
+        image_std=list(SIGLIP_STD),
+    )
+
+
+def maskclip_hf_layer(layer, hidden_BTD: Tensor) -> Tensor:
+    """A CLIP encoder layer with its attention replaced by the value path (MaskCLIP, Zhou et al. 2022).
+
+    q-k attention mixes every token with the global context, which blurs per-patch semantics; routing each
+    token through v-proj -> out-proj alone keeps it local. Residual and MLP are kept, as in MaskCLIP's code.
+    """
+    attn = layer.self_attn
+    value_BTD = attn.out_proj(attn.v_proj(layer.layer_norm1(hidden_BTD)))
+    hidden_BTD = hidden_BTD + value_BTD
+    return hidden_BTD + layer.mlp(layer.layer_norm2(hidden_BTD))
+
+
+def siglip_head_per_token(head, tokens_BPD: Tensor) -> Tensor:
+    """Apply a MAP pooling head to each token alone (a length-1 sequence) -> ``[B, P, E]``.
+
+    With one key the attention weight is 1, so each patch lands in the joint space through the same
+    value/out projections, LayerNorm and MLP that produce the pooled image embedding.
+    """
+    B, P, D = tokens_BPD.shape
+    pooled_NE = head(tokens_BPD.reshape(B * P, 1, D))
+    return pooled_NE.reshape(B, P, -1)

@@ -1,0 +1,253 @@
+"""Looking at a finished label output: ``pipeline info``, ``show`` and ``stats``.
+
+Input: an OUT folder written by ``pipeline label`` (manifest, wordlist.txt, shards). Outputs: text for
+``info``/``stats`` and, for ``show``, a PNG of one sample's image as the encoder saw it (same resize/crop)
+with the top-1 word of every patch written on its grid cell.
+
+Letters: P patches, K top-k slots, N words.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import shards as S
+
+
+def format_info(out: str | Path) -> str:
+    m = S.read_manifest(out)
+    e = m.encoder
+    lines = [
+        f"label output     {Path(out)}",
+        f"schema           v{m.schema_version}, visalign {m.tool_version}, created {m.created}",
+        f"encoder          {e.name} ({e.backend}{', ' + e.path if e.path else ''}), "
+        f"fingerprint {e.fingerprint[:16]}",
+        f"image size       {e.image_size} px, patch grid {e.patch_grid[0]}x{e.patch_grid[1]} "
+        f"= {m.num_patches} patches",
+        f"features         layer {e.feature_layer}, {e.feature_dim}-d {e.feature_dtype}; "
+        f"joint space {e.joint_dim}-d",
+        f"word list        {m.wordlist.count} words, sha256 {m.wordlist.sha256[:16]} "
+        f"(from {m.wordlist.source})",
+        f"labels           top-{m.top_k} by {m.score_sign}, templates {m.templates or '(bare word)'}",
+        f"samples          {m.num_samples} in {len(m.shards)} shards, {m.num_rejects} rejects",
+        f"config digest    {m.config_digest[:16]}",
+    ]
+    for x in m.experts:
+        lines.append(
+            f"expert           {x.name} ({x.backend}) layer {x.feature_layer}, {x.feature_dim}-d, "
+            f"grid {x.patch_grid[0]}x{x.patch_grid[1]}"
+        )
+    if m.shards:
+        sizes = [s.num_samples for s in m.shards]
+        lines.append(
+            f"shard sizes      min {min(sizes)}, max {max(sizes)}; "
+            f"first {m.shards[0].name}, last {m.shards[-1].name}"
+        )
+    return "\n".join(lines)
+
+
+def find_sample(out: str | Path, key: str) -> dict[str, Any]:
+    """The decoded sample whose id (or tar key) is ``key``; raises ValueError naming the output if absent."""
+    from pipeline.sources import sample_key
+
+    m = S.read_manifest(out)
+    wanted = {key, sample_key(key)}
+    for path in m.shard_paths(out):
+        for sample in S.iter_tar(path):
+            if sample["__key__"] in wanted or sample["meta"].get("id") == key:
+                return sample
+    raise ValueError(f"no sample with id or key {key!r} in {out}; `pipeline stats {out}` lists the shards")
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        import matplotlib
+
+        path = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans-Bold.ttf"
+        return ImageFont.truetype(str(path), size)
+    except Exception:  # no matplotlib / no FreeType: PIL's bundled bitmap font, fixed size
+        return ImageFont.load_default()
+
+
+def _fit(draw, word: str, width: int, base: int, min_size: int = 9):
+    """Largest font (<= base) at which ``word`` fits ``width``; long words wrap onto two lines first
+    (at a hyphen/space if there is one, else mid-word with a hyphen) rather than shrinking unreadably."""
+    candidates = [word]
+    for sep in ("-", " "):
+        if sep in word:
+            i = word.index(sep, len(word) // 3) if sep in word[len(word) // 3 :] else word.index(sep)
+            candidates.append(word[: i + 1].rstrip() + "\n" + word[i + 1 :].lstrip())
+            break
+    else:
+        if len(word) > 6:
+            half = (len(word) + 1) // 2
+            candidates.append(word[:half] + "-\n" + word[half:])
+    text, font = candidates[-1], _font(min_size)
+    # one line down to ~70% of the base size reads better than a wrapped word; wrap only beyond that
+    for size in range(base, max(min_size, int(base * 0.7)) - 1, -1):
+        font = _font(size)
+        if draw.textlength(word, font=font) <= width:
+            return word, font
+    for size in range(base, min_size - 1, -1):
+        font = _font(size)
+        for cand in candidates:
+            if max(draw.textlength(line, font=font) for line in cand.split("\n")) <= width:
+                return cand, font
+    return text, _font(min_size)
+
+
+def render_labels(image_rgb, grid: tuple[int, int], words_P: list[str], cell: int = 64):
+    """Upscale the encoder-view image to ``cell`` px per patch, draw grid lines and one word per cell."""
+    from PIL import Image, ImageDraw
+
+    rows, cols = grid
+    img = image_rgb.resize((cols * cell, rows * cell), Image.Resampling.NEAREST).convert("RGB")
+    draw = ImageDraw.Draw(img)
+    for c in range(1, cols):
+        draw.line([(c * cell, 0), (c * cell, rows * cell)], fill=(255, 255, 255), width=1)
+    for r in range(1, rows):
+        draw.line([(0, r * cell), (cols * cell, r * cell)], fill=(255, 255, 255), width=1)
+    base = max(8, cell // 4)
+    for p, word in enumerate(words_P):
+        if not word:
+            continue
+        r, c = divmod(p, cols)
+        text, font = _fit(draw, word, cell - 4, base)
+        cx, cy = c * cell + cell / 2, r * cell + cell / 2
+        draw.multiline_text(
+            (cx, cy),
+            text,
+            font=font,
+            fill=(255, 255, 255),
+            anchor="mm",
+            align="center",
+            spacing=0,
+            stroke_width=2,
+            stroke_fill=(0, 0, 0),
+        )
+    return img
+
+
+def encoder_view(out: str | Path, source: str):
+    """Re-read ``source``, apply the encoder's resize/crop (no normalisation): the picture the model saw."""
+    from pipeline.encoders.base import Preprocess
+    from pipeline.images import load_image
+    from pipeline.sources import TAR_SEP, read_tar_members
+
+    m = S.read_manifest(out)
+    spec = _preprocess_spec(m)
+    if TAR_SEP in source:
+        tar_path, member = source.split(TAR_SEP, 1)
+        data: Any = read_tar_members(tar_path, {member}).get(member)
+        if data is None:
+            raise ValueError(f"{member} is no longer in {tar_path}")
+    else:
+        if not Path(source).is_file():
+            raise ValueError(f"the image {source} recorded for this sample is gone; show needs the original")
+        data = source
+    image, _ = load_image(data)
+    plain = Preprocess(
+        spec.image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), spec.resize_mode, spec.crop_rounding
+    )
+    pixels_HWC = (plain(image).numpy().transpose(1, 2, 0) * 255.0 + 0.5).clip(0, 255).astype(np.uint8)
+    from PIL import Image
+
+    return Image.fromarray(pixels_HWC)
+
+
+def _preprocess_spec(m: S.Manifest):
+    """The encoder's preprocessing geometry, from the encoder itself (loaded from the local cache/path)."""
+    from pipeline.encoders import load_encoder
+
+    enc = load_encoder(m.encoder.name, backend=m.encoder.backend, path=m.encoder.path)
+    return enc.preprocess_spec
+
+
+def show(out: str | Path, key: str, png: str | Path, cell: int = 64) -> Path:
+    sample = find_sample(out, key)
+    m = S.read_manifest(out)
+    words = S.read_wordlist(out)
+    labels_PK = sample["labels"]
+    top1_P = labels_PK[:, 0]
+    names = [words[i] if i >= 0 else "" for i in top1_P.tolist()]
+    view = encoder_view(out, sample["meta"]["source"])
+    img = render_labels(view, tuple(m.encoder.patch_grid), names, cell=cell)
+    png = Path(png)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    img.save(png)
+    return png
+
+
+def label_stats(out: str | Path, num_top: int = 20, num_bins: int = 2000) -> dict[str, Any]:
+    """Word-list use and the distribution of kept scores over every shard of ``out``.
+
+    Quantiles come from a fixed histogram over [0, 1] (kept scores lie there: cos or -cos, >= 0), so the
+    memory is constant whatever the number of shards; their resolution is ``1 / num_bins``.
+    """
+    m = S.read_manifest(out)
+    words = S.read_wordlist(out)
+    num_words = len(words)
+    top1_counts_N = np.zeros(num_words, dtype=np.int64)
+    any_counts_N = np.zeros(num_words, dtype=np.int64)
+    hist = np.zeros(num_bins, dtype=np.int64)
+    num_slots = num_absent = num_patches = 0
+    score_sum = 0.0
+    for path in m.shard_paths(out):
+        for sample in S.iter_tar(path):
+            labels_PK, scores_PK = sample["labels"], sample["scores"].astype(np.float64)
+            num_patches += labels_PK.shape[0]
+            num_slots += labels_PK.size
+            kept = labels_PK >= 0
+            num_absent += int((~kept).sum())
+            top1 = labels_PK[:, 0]
+            top1_counts_N += np.bincount(top1[top1 >= 0], minlength=num_words)
+            any_counts_N += np.bincount(labels_PK[kept], minlength=num_words)
+            s = scores_PK[kept]
+            score_sum += float(s.sum())
+            hist += np.histogram(np.clip(s, 0, 1), bins=num_bins, range=(0.0, 1.0))[0]
+    num_kept = int(hist.sum())
+    quantiles = {}
+    if num_kept:
+        cdf = np.cumsum(hist) / num_kept
+        for q in (0.05, 0.25, 0.5, 0.75, 0.95):
+            quantiles[q] = float((np.searchsorted(cdf, q) + 0.5) / num_bins)
+    order = np.argsort(-top1_counts_N, kind="stable")[:num_top]
+    return {
+        "num_samples": m.num_samples,
+        "num_patches": num_patches,
+        "num_words": num_words,
+        "top1_words_used": int((top1_counts_N > 0).sum()),
+        "any_words_used": int((any_counts_N > 0).sum()),
+        "absent_share": num_absent / max(num_slots, 1),
+        "num_kept_scores": num_kept,
+        "score_mean": score_sum / num_kept if num_kept else float("nan"),
+        "score_quantiles": quantiles,
+        "top_words": [(words[i], int(top1_counts_N[i])) for i in order if top1_counts_N[i] > 0],
+        "score_sign": m.score_sign,
+        "top_k": m.top_k,
+    }
+
+
+def format_stats(st: dict[str, Any]) -> str:
+    n = max(st["num_words"], 1)
+    q = ", ".join(f"q{int(k * 100):02d} {v:.3f}" for k, v in st["score_quantiles"].items()) or "(none kept)"
+    lines = [
+        f"samples {st['num_samples']}, patches {st['num_patches']}, top-{st['top_k']} by {st['score_sign']}",
+        f"word list use: {st['top1_words_used']} / {st['num_words']} words as a top-1 "
+        f"({100 * st['top1_words_used'] / n:.2f}%), {st['any_words_used']} as any label "
+        f"({100 * st['any_words_used'] / n:.2f}%)",
+        f"absent label slots: {100 * st['absent_share']:.2f}%",
+        f"kept scores: {st['num_kept_scores']}, mean {st['score_mean']:.4f}; {q}",
+        "most frequent top-1 words: " + ", ".join(f"{w} ({c})" for w, c in st["top_words"]),
+    ]
+    return "\n".join(lines)
+
+
+def dump_json(st: dict[str, Any]) -> str:
+    return json.dumps(st, indent=1, default=str)

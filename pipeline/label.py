@@ -1,0 +1,411 @@
+"""The pure per-shard labelling function and its config.
+
+``label_shard(task, cfg) -> stats`` turns one input partition (a list of ``pipeline.sources`` items) into one
+output shard ``OUT/shard-NNNNNN.tar`` plus its stats sidecar ``OUT/shard-NNNNNN.json``. It is what Dask maps
+(``pipeline.run``), what ``--scheduler synchronous`` calls in-process, and what tests call directly.
+
+Per shard: images are decoded, validated and preprocessed in a thread pool that runs ahead of the model
+(bounded prefetch), so the forward pass does not wait on JPEG decoding; each batch goes through ONE encoder
+forward giving the LLaVA features (hidden layer ``feature_layer``) and the joint-space patch embeddings; the
+latter are searched against the cached word embeddings (``pipeline.search``). Optional expert encoders add
+their own features. Samples stream into ``shard-NNNNNN.tar.tmp``, which is fsynced and renamed, and only
+then is the sidecar (with the tar's sha256 and the shard's rejects) written: a shard is complete iff both
+exist and the checksum matches.
+
+Models and the word index are loaded once per process (``_CACHE``), keyed by their spec: tasks carry only
+paths and settings, never weights.
+
+Letters: B batch, P patches, D feature width, E joint width, K top-k slots, N words.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import tarfile
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from pipeline import shards as S
+
+
+@dataclasses.dataclass
+class LabelConfig:
+    encoder: str
+    """vision encoder registry name (tiny-clip, tiny-siglip, clip, siglip, random-vit-b16)"""
+    input: str
+    """a LLaVA-format JSON, a folder of images (+ same-stem .txt captions) or img2dataset-style .tar shards"""
+    shards: str
+    """output folder OUT for shard-*.tar, manifest.json, wordlist.txt, rejects.parquet, config.yaml"""
+    images: str | None = None
+    """image root for a LLaVA JSON's relative image paths (default: the JSON's folder)"""
+    backend: str | None = None
+    """encoder backend: hf or open_clip (default: the encoder's own default)"""
+    encoder_path: str | None = None
+    """local checkpoint folder/file for the encoder (default: the registry's)"""
+    feature_layer: int = -2
+    """hidden-state index cached as feat.npy (HF indexing: -1 last block, -2 LLaVA's second-to-last)"""
+    wordlist: str | None = None
+    """newline-separated word list (default: the shipped wordlists/english-41k.txt)"""
+    lowercase: bool = True
+    """lowercase the word list while normalising it"""
+    templates: list[str] = dataclasses.field(default_factory=list)
+    """prompt templates with {} for the word, e.g. 'a photo of a {}.' (averaged); empty = the bare word"""
+    top_k: int = 10
+    """labels kept per patch"""
+    score: Literal["cos", "neg-cos"] = "cos"
+    """label score: cos, or neg-cos (SEA's choice for CLIP, following CLIP Surgery)"""
+    dense: str = "none"
+    """dense joint-space patch features: none, or maskclip (CLIP towers only)"""
+    text_context: int | None = None
+    """truncate the CLIP text context to this many tokens (faster word embeddings for short words)"""
+    experts: list[str] = dataclasses.field(default_factory=list)
+    """extra expert encoders whose features are cached as expert.<name>.npy (comma-separated names)"""
+    expert_feature_layer: int = -2
+    """hidden-state index of the expert encoders' features"""
+    scheduler: str = "local"
+    """synchronous (in-process), local (a LocalCluster of --workers processes) or a tcp://host:port address"""
+    workers: int = 2
+    """worker processes of the local scheduler (one per GPU on GPU nodes)"""
+    samples_per_shard: int = 1000
+    """input samples per output shard (rejects count: shard membership never depends on validity)"""
+    batch_size: int = 32
+    """images per encoder forward"""
+    device: str = "auto"
+    """auto (cuda if available), cpu or cuda"""
+    search_backend: str = "auto"
+    """top-k search: auto (faiss if installed), faiss or torch"""
+    decode_threads: int = 4
+    """threads decoding and preprocessing images ahead of the forward, per worker"""
+    max_image_pixels: int = 100_000_000
+    """images with more pixels are rejected as decompression bombs"""
+    overwrite: bool = False
+    """clear an OUT made with different settings instead of refusing"""
+    cache_dir: str | None = None
+    """cache of models and word embeddings (default: $VISALIGN_CACHE or ~/.cache/visalign)"""
+    progress: bool = True
+    """show progress bars"""
+
+
+def shard_name(index: int) -> str:
+    return S.SHARD_PATTERN.format(index)
+
+
+def sidecar_path(out: str | Path, index: int) -> Path:
+    return Path(out) / (Path(shard_name(index)).stem + ".json")
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is visible here; use --device cpu or auto")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"--device {device!r}: use auto, cpu or cuda")
+    return device
+
+
+def worker_device(device: str) -> str:
+    """Spread LocalCluster workers over the GPUs: worker ``i`` (Dask names them 0..n-1) gets ``cuda:i % n``.
+
+    Only for a bare ``cuda`` with several visible GPUs inside a Dask worker; an explicit ``cuda:1``, one GPU,
+    or workers pinned with ``CUDA_VISIBLE_DEVICES`` (each then sees one GPU) are left alone.
+    """
+    if device != "cuda":
+        return device
+    import torch
+
+    num_gpus = torch.cuda.device_count()
+    if num_gpus <= 1:
+        return device
+    try:
+        from distributed import get_worker
+
+        name = get_worker().name
+    except (ImportError, ValueError):  # not inside a Dask worker (synchronous scheduler)
+        return device
+    return f"cuda:{int(name) % num_gpus}" if isinstance(name, int) or str(name).isdigit() else device
+
+
+# ---- per-process caches: one model / index per worker process, whatever the number of tasks ----------
+_CACHE: dict[tuple, Any] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def get_encoder(
+    name: str, backend: str | None, path: str | None, device: str, cache_dir: str | None, **options
+):
+    """Load (once per process) and return the encoder, in eval mode on ``device``."""
+    key = ("encoder", name, backend, path, device, cache_dir, tuple(sorted(options.items())))
+    with _CACHE_LOCK:
+        if key not in _CACHE:
+            from pipeline.encoders import load_encoder
+
+            enc = load_encoder(name, backend=backend, path=path, cache_dir=cache_dir, **options)
+            enc.fingerprint()  # computed before any device move, as the driver computed it
+            _CACHE[key] = enc.to(device).eval()
+        return _CACHE[key]
+
+
+def get_index(emb_path: str, score: str, search_backend: str, device: str):
+    from pipeline.search import WordIndex
+    from pipeline.wordlist import load_word_embeddings
+
+    key = ("index", emb_path, score, search_backend, device)
+    with _CACHE_LOCK:
+        if key not in _CACHE:
+            _CACHE[key] = WordIndex(
+                load_word_embeddings(emb_path), score=score, backend=search_backend, device=device
+            )
+        return _CACHE[key]
+
+
+def encoder_options(cfg: LabelConfig) -> dict[str, Any]:
+    return {"dense": cfg.dense, "text_context": cfg.text_context}
+
+
+# ---- decoding ahead of the model ------------------------------------------------------------------------
+def _decode_item(item: dict[str, Any], tar_bytes: dict[str, bytes], preprocessors: list, max_pixels: int):
+    """One item -> ``(item, [pixels per encoder], meta)`` or ``(item, None, reason)``; runs in a thread."""
+    from pipeline.images import RejectError, load_image
+    from pipeline.sources import TAR_SEP
+
+    if item.get("reject"):
+        return item, None, item["reject"]
+    try:
+        source = item["source"]
+        if TAR_SEP in source:
+            data: Any = tar_bytes.get(source.split(TAR_SEP, 1)[1])
+            if data is None:
+                raise RejectError(f"member missing from tar: {source}")
+        else:
+            data = source
+        image, orig_size = load_image(data, max_pixels=max_pixels)
+        pixels = [pre(image) for pre in preprocessors]
+        meta: dict[str, Any] = {"id": item["id"], "source": source, "orig_size": list(orig_size)}
+        if "conversations" in item:
+            meta["conversations"] = item["conversations"]
+        else:
+            caption = None
+            if "caption_path" in item:
+                caption = Path(item["caption_path"]).read_text(encoding="utf-8", errors="replace").strip()
+            elif "caption_member" in item:
+                caption = tar_bytes.get(item["caption_member"], b"").decode("utf-8", errors="replace").strip()
+            meta["caption"] = caption if caption is not None else ""
+            extra = None
+            if "meta_path" in item:
+                extra = Path(item["meta_path"]).read_bytes()
+            elif "meta_member" in item:
+                extra = tar_bytes.get(item["meta_member"])
+            if extra:
+                try:
+                    meta["meta"] = json.loads(extra)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    pass  # a broken sidecar loses its metadata, not the image
+        return item, pixels, meta
+    except RejectError as err:
+        return item, None, str(err)
+    except OSError as err:  # unreadable caption sidecar, permission errors
+        return item, None, f"unreadable input: {type(err).__name__}: {err}"
+    except Exception as err:  # noqa: BLE001 - one odd file (a decoder bug, an exotic mode) must not stop a run
+        return item, None, f"could not decode/preprocess: {type(err).__name__}: {err}"
+
+
+def _prefetch(fn, items: list, num_threads: int, window: int) -> Iterator:
+    """``map(fn, items)`` in order, running up to ``window`` calls ahead on ``num_threads`` threads."""
+    with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
+        pending: deque = deque()
+        it = iter(items)
+        for item in it:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= window:
+                break
+        while pending:
+            result = pending.popleft().result()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append(pool.submit(fn, nxt))
+            yield result
+
+
+# ---- tar writing -----------------------------------------------------------------------------------------
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0  # fixed header fields: the same content gives the same bytes and sha256 on every run
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def label_shard(task: dict[str, Any], cfg: LabelConfig) -> dict[str, Any]:
+    """Label one input partition into ``OUT/shard-NNNNNN.tar`` + sidecar; return the sidecar's stats.
+
+    ``task``: ``{"index", "items", "out", "word_emb_path", "fingerprint", "expert_fingerprints"}`` (paths
+    and strings only). Safe to rerun: it always rewrites the shard from scratch through a ``.tmp`` file.
+    """
+    import torch
+
+    from pipeline.sources import TAR_SEP, read_tar_members, sample_key
+
+    t_start = time.perf_counter()
+    out = Path(task["out"])
+    index = int(task["index"])
+    device = worker_device(resolve_device(cfg.device))
+    opts = encoder_options(cfg)
+    enc = get_encoder(cfg.encoder, cfg.backend, cfg.encoder_path, device, cfg.cache_dir, **opts)
+    if task.get("fingerprint") and enc.fingerprint() != task["fingerprint"]:
+        raise RuntimeError(
+            f"worker loaded {cfg.encoder} with fingerprint {enc.fingerprint()[:12]}, the driver has "
+            f"{task['fingerprint'][:12]}: workers must see the same weights/cache as the driver"
+        )
+    experts = [get_encoder(n, None, None, device, cfg.cache_dir) for n in cfg.experts]
+    index_ = get_index(task["word_emb_path"], cfg.score, cfg.search_backend, device)
+    items = task["items"]
+
+    # tar inputs: read every needed member of each source tar in one pass, up front
+    tar_bytes: dict[str, bytes] = {}
+    wanted: dict[str, set[str]] = {}
+    for item in items:
+        if TAR_SEP in item["source"] and not item.get("reject"):
+            tar_path, member = item["source"].split(TAR_SEP, 1)
+            names = wanted.setdefault(tar_path, set())
+            names.update(x for x in (member, item.get("caption_member"), item.get("meta_member")) if x)
+    for tar_path, names in wanted.items():
+        try:
+            tar_bytes.update(read_tar_members(tar_path, names))
+        except (tarfile.TarError, OSError):
+            pass  # its items become "member missing" rejects
+
+    preprocessors = [enc.preprocess] + [e.preprocess for e in experts]
+    rejects: list[dict[str, str]] = []
+    num_samples = 0
+    timing = {"forward_s": 0.0, "search_s": 0.0, "wait_s": 0.0}
+    final = out / shard_name(index)
+    tmp = final.with_name(final.name + ".tmp")
+    autocast = device.startswith("cuda")
+
+    def flush(batch: list[tuple[dict, list, dict]], tar: tarfile.TarFile) -> None:
+        t0 = time.perf_counter()
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=autocast):
+            pixels_BCHW = torch.stack([b[1][0] for b in batch]).to(device)
+            main = enc(pixels_BCHW, feature_layer=cfg.feature_layer)
+            feats_BPD = main.feats_BPD.float().cpu().numpy().astype(np.float16)
+            joint_BPE = main.joint_BPE.float()
+            expert_feats = []
+            for j, e in enumerate(experts, start=1):
+                px = torch.stack([b[1][j] for b in batch]).to(device)
+                expert_feats.append(
+                    e(px, feature_layer=cfg.expert_feature_layer)
+                    .feats_BPD.float()
+                    .cpu()
+                    .numpy()
+                    .astype(np.float16)
+                )
+        t1 = time.perf_counter()
+        num_b, num_p, num_e = joint_BPE.shape
+        labels, scores = index_.search(joint_BPE.reshape(num_b * num_p, num_e), cfg.top_k)
+        labels_BPK = labels.reshape(num_b, num_p, cfg.top_k)
+        scores_BPK = scores.reshape(num_b, num_p, cfg.top_k)
+        t2 = time.perf_counter()
+        timing["forward_s"] += t1 - t0
+        timing["search_s"] += t2 - t1
+        for b, (_item, _px, meta) in enumerate(batch):
+            key = sample_key(meta["id"])
+            _add_member(tar, f"{key}.{S.FEAT}", S.encode_npy(feats_BPD[b]))
+            _add_member(tar, f"{key}.{S.LABELS}", S.encode_npy(labels_BPK[b].astype(np.int32)))
+            _add_member(tar, f"{key}.{S.SCORES}", S.encode_npy(scores_BPK[b]))
+            for name, ef in zip(cfg.experts, expert_feats):
+                _add_member(tar, f"{key}.{S.EXPERT_PREFIX}{name}.npy", S.encode_npy(ef[b]))
+            _add_member(tar, f"{key}.{S.META}", json.dumps(meta, ensure_ascii=False).encode("utf-8"))
+
+    window = max(2 * cfg.batch_size, 2 * cfg.decode_threads)
+    with open(tmp, "wb") as raw:
+        with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            batch: list = []
+            decoded = _prefetch(
+                lambda it: _decode_item(it, tar_bytes, preprocessors, cfg.max_image_pixels),
+                items,
+                cfg.decode_threads,
+                window,
+            )
+            while True:
+                t0 = time.perf_counter()
+                result = next(decoded, None)
+                timing["wait_s"] += time.perf_counter() - t0
+                if result is None:
+                    break
+                item, pixels, meta_or_reason = result
+                if pixels is None:
+                    rejects.append({"id": item["id"], "source": item["source"], "reason": meta_or_reason})
+                    continue
+                batch.append((item, pixels, meta_or_reason))
+                num_samples += 1
+                if len(batch) == cfg.batch_size:
+                    flush(batch, tar)
+                    batch = []
+            if batch:
+                flush(batch, tar)
+        raw.flush()
+        os.fsync(raw.fileno())
+    sha = S.sha256_file(tmp)
+    os.replace(tmp, final)  # the final name only ever points at a complete, fsynced tar
+    _fsync_dir(out)
+    stats = {
+        "name": final.name,
+        "index": index,
+        "num_items": len(items),
+        "num_samples": num_samples,
+        "num_rejects": len(rejects),
+        "sha256": sha,
+        "rejects": rejects,
+        "timing": {k: round(v, 4) for k, v in timing.items()}
+        | {"wall_s": round(time.perf_counter() - t_start, 4)},
+    }
+    S.write_json_atomic(sidecar_path(out, index), stats)
+    return stats
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def shard_is_complete(out: str | Path, index: int) -> dict[str, Any] | None:
+    """The sidecar's stats if shard ``index`` is complete (tar present, sidecar present, checksum matches)."""
+    final = Path(out) / shard_name(index)
+    side = sidecar_path(out, index)
+    if not (final.is_file() and side.is_file()):
+        return None
+    try:
+        stats = json.loads(side.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, OSError):
+        return None
+    if not isinstance(stats, dict) or stats.get("sha256") != S.sha256_file(final):
+        return None
+    return stats
+
+
+def config_digest(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()

@@ -1,0 +1,193 @@
+"""Exactly-once output: kill -9 mid-run then rerun == uninterrupted run; schedulers give the same shards."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import shards as S
+from pipeline.label import LabelConfig
+from pipeline.run import run_label
+
+REPO = Path(__file__).resolve().parent.parent
+WORDS = (
+    "cat dog car tree house sky cloud sun flower grass water boat bird fish horse cup spoon "
+    "helmet flag rocket"
+)
+
+
+@pytest.fixture(scope="module")
+def many_photos(tmp_path_factory, photo_dataset):
+    """14 records over the 7 photos (ids differ), so a run has enough shards to be killed in the middle."""
+    root = tmp_path_factory.mktemp("many")
+    recs = json.loads(photo_dataset.read_text())
+    many = [dict(r, id=f"{r['id']}-{i}") for i in range(2) for r in recs]
+    path = root / "many.json"
+    path.write_text(json.dumps(many))
+    (root / "words.txt").write_text(WORDS.replace(" ", "\n"))
+    return path
+
+
+def _args(many: Path, out: Path, cache_dir: Path, **over) -> list[str]:
+    flags = {
+        "encoder": "tiny-clip",
+        "input": str(many),
+        "images": str(Path(many).parent.parent / "photos0" / "images"),
+        "shards": str(out),
+        "wordlist": str(many.parent / "words.txt"),
+        "scheduler": "synchronous",
+        "samples-per-shard": "1",
+        "batch-size": "1",
+        "progress": "false",
+        "cache-dir": str(cache_dir),
+    }
+    flags.update(over)
+    return [x for k, v in flags.items() for x in (f"--{k}", v)]
+
+
+def snapshot(out: Path) -> tuple[dict, dict]:
+    """(manifest without its timestamp, {shard name: decoded samples}) for equality checks."""
+    manifest = json.loads((out / S.MANIFEST).read_text())
+    manifest["created"] = ""
+    content = {}
+    for p in sorted(out.glob("shard-*.tar")):
+        content[p.name] = [
+            {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in s.items()} for s in S.iter_tar(p)
+        ]
+    return manifest, content
+
+
+def _images_root(photo_dataset: Path) -> str:
+    return str(photo_dataset.parent / "images")
+
+
+def test_kill9_then_resume_equals_uninterrupted(tmp_path, many_photos, photo_dataset, cache_dir):
+    from pipeline.cli import main
+
+    images = _images_root(photo_dataset)
+    ref_out = tmp_path / "ref"
+    assert main(["label", *_args(many_photos, ref_out, cache_dir, images=images)]) == 0
+
+    out = tmp_path / "killed"
+    env = dict(os.environ, VISALIGN_CACHE=str(cache_dir), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "pipeline.cli", "label", *_args(many_photos, out, cache_dir, images=images)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (out / "shard-000001.json").exists():  # poll: kill right after a couple of shards completed
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.time() < deadline, "no shard completed within 120 s"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (out / S.MANIFEST).exists(), "killed before the end: no manifest"
+    finals = sorted(out.glob("shard-*.tar"))
+    assert 2 <= len(finals) < 14
+    for p in finals:  # a final name is never half-written: every one reads back whole
+        with tarfile.open(p) as tar:
+            tar.getmembers()
+        assert len(list(S.iter_tar(p))) == 1
+
+    assert main(["label", *_args(many_photos, out, cache_dir, images=images)]) == 0
+    assert snapshot(out) == snapshot(ref_out)
+    assert not list(out.glob("*.tmp"))
+
+
+def _same_shards(a: Path, b: Path) -> None:
+    ma, ca = snapshot(a)
+    mb, cb = snapshot(b)
+    assert ma == mb, "manifests (checksums included) differ"
+    assert ca == cb
+
+
+def test_local_cluster_equals_synchronous(tmp_path, many_photos, photo_dataset, cache_dir):
+    base = dict(
+        encoder="tiny-clip",
+        input=str(many_photos),
+        images=_images_root(photo_dataset),
+        wordlist=str(many_photos.parent / "words.txt"),
+        samples_per_shard=5,
+        batch_size=2,
+        progress=False,
+        cache_dir=str(cache_dir),
+    )
+    run_label(LabelConfig(shards=str(tmp_path / "sync"), scheduler="synchronous", **base))
+    summary = run_label(LabelConfig(shards=str(tmp_path / "local"), scheduler="local", workers=2, **base))
+    assert summary["num_images"] == 14 and summary["num_shards"] == 3
+    _same_shards(tmp_path / "sync", tmp_path / "local")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_existing_cluster_equals_synchronous(tmp_path, many_photos, photo_dataset, cache_dir):
+    """`dask scheduler` + two `dask worker` processes on loopback, started by hand, killed in the finally."""
+    dask = shutil.which("dask", path=str(Path(sys.executable).parent)) or shutil.which("dask")
+    assert dask, "the dask CLI (dask[distributed]) is needed"
+    port = _free_port()
+    addr = f"tcp://127.0.0.1:{port}"
+    env = dict(os.environ, VISALIGN_CACHE=str(cache_dir), HF_HUB_OFFLINE="1")
+    procs = []
+    try:
+        procs.append(
+            subprocess.Popen(
+                [dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", ":0"],
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+        for _ in range(2):
+            procs.append(
+                subprocess.Popen(
+                    [dask, "worker", addr, "--nworkers", "1", "--nthreads", "1", "--no-dashboard"],
+                    cwd=REPO,
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        from dask.distributed import Client
+
+        with Client(addr, timeout="60s") as client:
+            client.wait_for_workers(2, timeout=60)
+        base = dict(
+            encoder="tiny-clip",
+            input=str(many_photos),
+            images=_images_root(photo_dataset),
+            wordlist=str(many_photos.parent / "words.txt"),
+            samples_per_shard=5,
+            batch_size=2,
+            progress=False,
+            cache_dir=str(cache_dir),
+        )
+        run_label(LabelConfig(shards=str(tmp_path / "sync"), scheduler="synchronous", **base))
+        run_label(LabelConfig(shards=str(tmp_path / "tcp"), scheduler=addr, **base))
+        _same_shards(tmp_path / "sync", tmp_path / "tcp")
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in reversed(procs):
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()

@@ -1,0 +1,133 @@
+"""``trainer export --format hf-llava``: HF LLaVA loads the folder and its logits equal ours on the same image
+(tiny-clip on the hf backend + tiny-llm, after a finetune step so projector and LLM both carry trained
+weights)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.shards import EncoderInfo, read_manifest, write_manifest
+from trainer import checkpoint as ckpt_io
+from trainer.cli import main
+
+BASE = [
+    "--llm",
+    "tiny-llm",
+    "--batch-size",
+    "2",
+    "--logging.progress",
+    "false",
+    "--logging.tensorboard",
+    "false",
+]
+
+
+@pytest.fixture(scope="module")
+def encoder(cache_dir):
+    from pipeline.encoders import load_encoder
+
+    return load_encoder("tiny-clip", backend="hf")
+
+
+def clip_shards(tiny_shards, encoder, **kw):
+    """Synthetic shards whose manifest names the real tiny-clip tower (features random: training only)."""
+    info = encoder.info(-2)
+    root = tiny_shards(num_samples=4, samples_per_shard=2, P=encoder.num_patches, D=encoder.feature_dim, **kw)
+    manifest = read_manifest(root)
+    manifest.encoder = EncoderInfo(**info)
+    write_manifest(root, manifest)
+    return root
+
+
+def trained_run(tmp_path, shards, *extra):
+    run = tmp_path / "run"
+    args = ["run", "--shards", str(shards), *BASE, "--max-steps", "1", "--lr", "1e-2", "--output", str(run)]
+    assert main([*args, *extra]) == 0
+    return run
+
+
+def our_model(run, cache_dir):
+    from trainer.export import load_trained_llm
+    from trainer.models.projector import build_projector
+    from trainer.models.vlm import VisualLM
+
+    ckpt = ckpt_io.resolve_checkpoint(run)
+    state, tensors = ckpt_io.read_state(ckpt), ckpt_io.load_tensors(ckpt)
+    llm, tok = load_trained_llm(state, tensors, None)
+    projector = build_projector(state["projector"], state["feature_dim"], llm.config.hidden_size)
+    projector.load_state_dict(
+        {k[len("projector.") :]: v for k, v in tensors.items() if k.startswith("projector.")}
+    )
+    return VisualLM(llm, projector).eval(), tok
+
+
+def test_exported_llava_logits_equal_ours(tiny_shards, encoder, tmp_path, cache_dir):
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    run = trained_run(tmp_path, clip_shards(tiny_shards, encoder), "--stage", "finetune")
+    out = tmp_path / "hf"
+    assert main(["export", str(run), "--format", "hf-llava", "--out", str(out)]) == 0
+    hf = LlavaForConditionalGeneration.from_pretrained(out).eval()
+    processor = AutoProcessor.from_pretrained(out)
+    ours, tok = our_model(run, cache_dir)
+    num_patches = encoder.num_patches
+    image_id = hf.config.image_token_index
+    assert tok.convert_tokens_to_ids("<image>") == image_id
+    assert json.loads((out / "visalign_export.json").read_text())["num_image_tokens"] == num_patches
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (40, 52, 3), dtype=np.uint8))
+    enc = processor(text="<image>\nWhat is in the image?", images=image, return_tensors="pt")
+    input_ids_BT = enc["input_ids"]
+    assert int((input_ids_BT == image_id).sum()) == num_patches  # the processor expands <image> to P tokens
+    pixels = encoder.preprocess(image)[None]
+    # the exported processor preprocesses like the shards did, up to rare one-level (1/255) rounding
+    diff = (enc["pixel_values"] - pixels).abs()
+    assert diff.max() < 0.05 and diff.mean() < 1e-3
+
+    with torch.no_grad():
+        hf_logits = hf(
+            input_ids=input_ids_BT, pixel_values=pixels, attention_mask=torch.ones_like(input_ids_BT)
+        ).logits
+        feats_BPD = encoder(pixels, -2).feats_BPD.float()
+        start = int((input_ids_BT[0] == image_id).nonzero()[0])
+        ids_BT = input_ids_BT.clone()
+        ids_BT[ids_BT == image_id] = tok.pad_token_id  # the trainer never feeds <image>
+        batch = {
+            "input_ids_BT": ids_BT,
+            "labels_BT": torch.full_like(ids_BT, -100),
+            "attention_mask_BT": torch.ones_like(ids_BT),
+            "visual_start_B": torch.tensor([start]),
+            "feats_BPD": feats_BPD,
+        }
+        our_logits = ours(batch, return_logits=True).logits_BTN
+    num_vocab = our_logits.shape[-1]
+    assert hf_logits.shape[-1] == max(
+        num_vocab, image_id + 1
+    )  # room for <image> (resized when it was missing)
+    torch.testing.assert_close(hf_logits[..., :num_vocab], our_logits, atol=1e-4, rtol=1e-4)
+    assert our_logits.std() > 0.01  # not a degenerate comparison
+
+
+def test_export_refuses_what_hf_llava_cannot_hold(tiny_shards, encoder, tmp_path, capsys):
+    run = trained_run(tmp_path, clip_shards(tiny_shards, encoder), "--projector", "linear")
+    with pytest.raises(SystemExit) as err:
+        main(["export", str(run), "--out", str(tmp_path / "hf")])
+    assert err.value.code == 2 and "projector 'linear' has no HF LLaVA equivalent" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["export", str(run), "--out", str(tmp_path / "hf"), "--checkpoint", "7"])
+    assert "no complete checkpoint for step 7 (it has: step-000001)" in capsys.readouterr().err
+
+    state_path = ckpt_io.resolve_checkpoint(run) / ckpt_io.STATE
+    state = json.loads(state_path.read_text())
+    state["projector"] = "mlp2x_gelu"
+    state["manifest"]["encoder"]["backend"] = "open_clip"
+    state_path.write_text(json.dumps(state))
+    with pytest.raises(SystemExit):
+        main(["export", str(run), "--out", str(tmp_path / "hf")])
+    assert "relabel with --backend hf" in capsys.readouterr().err

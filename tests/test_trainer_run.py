@@ -1,0 +1,259 @@
+"""``trainer run`` end to end on tiny synthetic shards + tiny-llm: which parameters each stage trains, exact
+resume, token-count-correct gradient accumulation, clear refusals, and the dask/faiss-free import."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.config import parse, resolve
+from pipeline.shards import read_manifest
+from trainer import checkpoint as ckpt_io
+from trainer.cli import main
+from trainer.config import TrainConfig
+from trainer.objectives import parse_spec
+from trainer.train import Trainer
+
+BASE = [
+    "--llm",
+    "tiny-llm",
+    "--batch-size",
+    "2",
+    "--logging.progress",
+    "false",
+    "--logging.tensorboard",
+    "false",
+]
+
+
+def config(shards, run, *extra) -> TrainConfig:
+    from pipeline.config import resolve
+    from trainer.cli import _run_parser
+
+    return resolve(
+        TrainConfig, _run_parser().parse_args(["--shards", str(shards), "--output", str(run), *BASE, *extra])
+    )
+
+
+def read_log(run):
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def shards(tiny_shards, cache_dir):
+    return tiny_shards(num_samples=8, samples_per_shard=3)
+
+
+def params(module):
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_stage_decides_what_changes(shards, tmp_path, stage):
+    trainer = Trainer(config(shards, tmp_path / stage, "--stage", stage, "--max-steps", "1", "--lr", "1e-2"))
+    before = params(trainer.vlm)
+    trainer.train()
+    after = params(trainer.vlm)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    projector = {n for n in before if n.startswith("projector.")}
+    llm = {n for n in before if n.startswith("llm.")}
+    assert projector and llm and projector | llm == set(before)
+    if stage == "pretrain":
+        assert changed == projector
+    else:
+        assert changed == projector | llm
+
+
+@pytest.mark.parametrize("objective,stage", [("lm", "pretrain"), ("sea+basic+distill", "finetune")])
+def test_resume_is_bit_exact(shards, tmp_path, objective, stage):
+    """6 steps in one go == 3 steps, stop, --resume: same per-step losses, samples, weights, optimizer
+    state (the second case adds objectives that sample (SEA) and learn (temperature, reverse projector)
+    and trains the LLM)."""
+    common = ["--shards", str(shards), *BASE, "--max-steps", "6", "--save-every", "3", "--lr", "1e-2"]
+    common += ["--objective", objective, "--stage", stage]
+    common += ["--num-workers", "1", "--data.shuffle_buffer", "3", "--logging.seen_ids", "true"]
+    assert main(["run", *common, "--output", str(tmp_path / "whole")]) == 0
+    assert main(["run", *common, "--output", str(tmp_path / "parts"), "--stop-after", "3"]) == 0
+    assert [r["step"] for r in read_log(tmp_path / "parts")] == [1, 2, 3]
+    assert main(["run", *common, "--output", str(tmp_path / "parts"), "--resume"]) == 0
+
+    timing = ("samples_per_s", "tokens_per_s")
+    whole = [{k: v for k, v in r.items() if k not in timing} for r in read_log(tmp_path / "whole")]
+    parts = [{k: v for k, v in r.items() if k not in timing} for r in read_log(tmp_path / "parts")]
+    assert {"lm_loss", "total_loss", "lr", "grad_norm"} <= set(whole[0])
+    assert len(whole) == 6 and parts == whole  # exact float equality, step by step
+    seen_whole = (tmp_path / "whole" / "seen-rank0.jsonl").read_text()
+    assert (tmp_path / "parts" / "seen-rank0.jsonl").read_text() == seen_whole  # same samples, same order
+    w = load_file(ckpt_io.step_dir(tmp_path / "whole", 6) / ckpt_io.MODEL)
+    p = load_file(ckpt_io.step_dir(tmp_path / "parts", 6) / ckpt_io.MODEL)
+    assert w.keys() == p.keys() and all(torch.equal(w[k], p[k]) for k in w)
+    assert any(k.startswith("llm.") for k in w) == (stage == "finetune")
+    ow = load_file(ckpt_io.step_dir(tmp_path / "whole", 6) / ckpt_io.OBJECTIVES)
+    op = load_file(ckpt_io.step_dir(tmp_path / "parts", 6) / ckpt_io.OBJECTIVES)
+    assert ow.keys() == op.keys() and all(torch.equal(ow[k], op[k]) for k in ow)
+    sw = ckpt_io.load_torch(ckpt_io.step_dir(tmp_path / "whole", 6), ckpt_io.OPTIMIZER)["state"]
+    sp = ckpt_io.load_torch(ckpt_io.step_dir(tmp_path / "parts", 6), ckpt_io.OPTIMIZER)["state"]
+    assert sw.keys() == sp.keys() and all(torch.equal(sw[i]["exp_avg_sq"], sp[i]["exp_avg_sq"]) for i in sw)
+    # keep-last 2 (default) pruned step 3 in the uninterrupted run
+    assert [c.name for c in ckpt_io.list_checkpoints(tmp_path / "whole")] == ["step-000003", "step-000006"]
+
+
+def test_grad_accum_matches_one_big_batch(shards, tmp_path):
+    """B=2 x A=1 and B=1 x A=2 see the same two samples; token-normalised accumulation: the same update."""
+    common = ["--max-steps", "1", "--lr", "1e-2", "--data.shuffle_buffer", "1"]
+    big = Trainer(config(shards, tmp_path / "big", *common, "--batch-size", "2", "--grad-accum", "1"))
+    big.train()
+    acc = Trainer(config(shards, tmp_path / "acc", *common, "--batch-size", "1", "--grad-accum", "2"))
+    acc.train()
+    a, b = params(big.vlm.projector), params(acc.vlm.projector)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5) for k in a)
+    assert read_log(tmp_path / "big")[0]["lm_loss"] == pytest.approx(
+        read_log(tmp_path / "acc")[0]["lm_loss"], rel=1e-5
+    )
+
+
+def test_refusals_are_one_clear_line(shards, tiny_shards, tmp_path, capsys):
+    run = tmp_path / "r"
+    common = ["run", "--shards", str(shards), *BASE, "--max-steps", "1", "--output", str(run)]
+    with pytest.raises(SystemExit) as err:
+        main([*common, "--resume"])
+    assert err.value.code == 2 and "has no complete checkpoint" in capsys.readouterr().err
+    assert main(common) == 0
+    written = (run / "config.yaml").read_text()
+    assert resolve(TrainConfig, {"config": str(run / "config.yaml")}).output == str(run)
+    with pytest.raises(SystemExit):
+        main([*common, "--lr", "0.5"])  # a second fresh start into the same run folder
+    assert "pass --resume" in capsys.readouterr().err
+    assert (run / "config.yaml").read_text() == written  # the refused start left the run's config alone
+
+    other = tiny_shards(num_samples=8, samples_per_shard=3, fingerprint="another-encoder")
+    with pytest.raises(SystemExit):
+        main([*common[:2], str(other), *common[3:], "--resume"])
+    msg = capsys.readouterr().err
+    assert "encoder fingerprint enc-fp" in msg and "another-encoder" in msg
+
+    other_words = tiny_shards(num_samples=8, samples_per_shard=3, words=[f"other{i}" for i in range(20)])
+    with pytest.raises(SystemExit):
+        main([*common[:2], str(other_words), *common[3:], "--resume"])
+    msg = capsys.readouterr().err
+    assert "word list sha256" in msg and read_manifest(other_words).wordlist.sha256 in msg
+
+    wider = tiny_shards(num_samples=8, samples_per_shard=3, D=48)
+    finetune = ["run", "--shards", str(wider), *BASE, "--stage", "finetune", "--output", str(tmp_path / "ft")]
+    with pytest.raises(SystemExit):
+        main([*finetune, "--init-projector", str(run)])
+    msg = capsys.readouterr().err
+    errors = [line for line in msg.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "feature width 32" in errors[0] and "feature width 48" in errors[0]
+
+    with pytest.raises(SystemExit):
+        main(["run", "--shards", str(shards), "--output", str(tmp_path / "x"), "--llm", "no-such-llm-xyz"])
+    assert "no-such-llm-xyz" in capsys.readouterr().err
+
+
+def test_gradient_checkpointing_gives_the_same_update(shards, tmp_path):
+    common = ["--stage", "finetune", "--max-steps", "1", "--lr", "1e-2"]
+    plain = Trainer(config(shards, tmp_path / "plain", *common))
+    init = params(plain.vlm)
+    plain.train()
+    ckpt = Trainer(config(shards, tmp_path / "ckpt", *common, "--gradient-checkpointing"))
+    assert ckpt.vlm.llm.is_gradient_checkpointing
+    ckpt.train()
+    a, b = params(plain.vlm), params(ckpt.vlm)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert not all(torch.equal(a[k], init[k]) for k in a)  # the step did change the weights
+
+
+def test_finetune_starts_from_the_stage1_projector(shards, tmp_path):
+    assert (
+        main(["run", "--shards", str(shards), *BASE, "--max-steps", "1", "--output", str(tmp_path / "s1")])
+        == 0
+    )
+    stage1 = load_file(ckpt_io.resolve_checkpoint(tmp_path / "s1") / ckpt_io.MODEL)
+    cfg = config(shards, tmp_path / "s2", "--stage", "finetune", "--init-projector", str(tmp_path / "s1"))
+    trainer = Trainer(cfg)
+    assert all(
+        torch.equal(p, stage1[f"projector.{n}"]) for n, p in trainer.vlm.projector.state_dict().items()
+    )
+
+
+def test_trainer_imports_no_dask_or_faiss(shards, tmp_path, cache_dir):
+    """--help and a one-step run (all objectives) in a fresh interpreter load no Dask, FAISS, open_clip."""
+    run = ["run", "--shards", str(shards), *BASE, "--max-steps", "1", "--objective", "sea+basic+distill"]
+    code = (
+        "import sys, contextlib, io\n"
+        "import trainer.cli, trainer.export\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    try:\n"
+        "        trainer.cli.main(['run', '--help'])\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        f"assert trainer.cli.main({[*run, '--output', str(tmp_path / 'r')]!r}) == 0\n"
+        "heavy = ('dask', 'distributed', 'faiss', 'open_clip')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
+    )
+    env = {**os.environ, "VISALIGN_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+    assert (tmp_path / "r" / "checkpoints" / "step-000001").is_dir()
+
+
+def test_every_documented_flag_reaches_the_config(tmp_path):
+    cfg = config(
+        "S", "R", "--projector", "linear", "--init-projector", "I", "--gradient-checkpointing",
+        "--grad-accum", "3", "--lr", "2e-5", "--mixed-precision", "no", "--max-length", "99",
+        "--num-workers", "2", "--save-every", "7",
+        "--keep-last", "1", "--log-every", "5", "--seed", "4", "--stage", "finetune", "--resume",
+    )  # fmt: skip
+    assert (cfg.model.projector, cfg.model.init_projector, cfg.model.gradient_checkpointing) == (
+        "linear",
+        "I",
+        True,
+    )
+    assert (cfg.optim.grad_accum, cfg.optim.lr, cfg.optim.mixed_precision) == (3, 2e-5, "no")
+    assert (cfg.data.max_length, cfg.data.num_workers, cfg.data.batch_size) == (99, 2, 2)
+    assert (cfg.checkpoint.save_every, cfg.checkpoint.keep_last, cfg.logging.log_every) == (7, 1, 5)
+    assert (cfg.seed, cfg.stage, cfg.resume) == (4, "finetune", True)
+    assert parse(TrainConfig, ["--shards", "S", "--output", "R"]).model.llm is None
+
+
+def test_cli_lists_commands_and_rejects_unknown(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "run" in out and "export" in out
+    assert main(["trian"]) == 2 and "unknown command 'trian'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    help_text = capsys.readouterr().out
+    assert "--optim.lr" in help_text and "--max-steps" in help_text and "peak learning rate" in help_text
+
+
+PRESETS = sorted((Path(__file__).resolve().parents[1] / "jobs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize(
+    "preset",
+    [p for p in PRESETS if p.name.startswith(("pretrain-", "finetune-", "demo-train"))],
+    ids=lambda p: p.name,
+)
+def test_training_presets_follow_the_paper_settings(preset):
+    """Every training preset resolves and names valid objectives; the paper presets give LLaVA's lr and
+    global batch (batch_size x grad_accum x 8 GPUs) and train what their file name says."""
+    cfg = resolve(TrainConfig, {"config": str(preset), "shards": "S", "output": "R"})
+    names = parse_spec(cfg.objective)
+    assert all(dataclasses.is_dataclass(getattr(cfg.objectives, name)) for name in names)
+    global_batch = cfg.data.batch_size * cfg.optim.grad_accum * 8
+    if preset.name.startswith("pretrain-"):
+        assert (cfg.stage, cfg.optim.lr, global_batch) == ("pretrain", 1e-3, 256)
+        assert names == parse_spec(preset.stem.removeprefix("pretrain-").replace("-", "+"))
+    elif preset.name.startswith("finetune-"):
+        assert (cfg.stage, cfg.optim.lr, global_batch) == ("finetune", 2e-5, 128)

@@ -1,0 +1,49 @@
+"""Training data: shard streaming (``shards``), text formatting (``conversations``), batching (``collate``).
+
+``build_stream`` wires them for one rank: manifest root + tokenizer + layout -> an endless ``ShardStream`` of
+batch dicts (see ``trainer/objectives/base.py`` for the fields), to be wrapped by ``make_loader``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipeline.shards import Manifest
+from trainer.data.collate import Collator, SampleTransform
+from trainer.data.conversations import IMAGE_TOKEN, ConversationError, Formatter
+from trainer.data.shards import ShardStream, StreamLayout, make_loader, split_range
+
+
+def build_stream(
+    root: str | Path,
+    manifest: Manifest,
+    tokenizer: Any,
+    fmt: str,
+    max_length: int,
+    layout: StreamLayout,
+    start_batches: int = 0,
+) -> ShardStream:
+    formatter = Formatter(tokenizer, manifest.num_patches, fmt, max_length)  # type: ignore[arg-type]
+    return ShardStream(
+        root,
+        layout,
+        transform=SampleTransform(formatter),
+        collate=Collator(formatter.pad_id),
+        start_batches=start_batches,
+        manifest=manifest,
+    )
+
+
+__all__ = [
+    "IMAGE_TOKEN",
+    "Collator",
+    "ConversationError",
+    "Formatter",
+    "SampleTransform",
+    "ShardStream",
+    "StreamLayout",
+    "build_stream",
+    "make_loader",
+    "split_range",
+]

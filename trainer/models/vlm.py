@@ -1,0 +1,237 @@
+"""``VisualLM``: projector + causal LM, visual tokens fed as ``inputs_embeds``; computes what objectives need.
+
+Input: a collated batch (``input_ids_BT``, ``labels_BT``, ``attention_mask_BT``, ``visual_start_B``,
+``feats_BPD``) and the union ``Needs`` of the active objectives. Output: ``VLMOutput`` with the projector
+output V, the summed next-token NLL, and only on demand the hidden states at the visual positions, the
+text->visual attention weights and the full logits. ``apply_stage`` sets what trains (LLaVA stages).
+
+The visual tokens of sample b occupy positions ``visual_start_B[b] .. visual_start_B[b] + P - 1``; the token
+ids there (the pad id) are looked up and then overwritten by ``g(F)`` with one ``scatter``, so gradients reach
+the projector whether or not the LLM trains.
+
+The LM loss never materialises B x T x N logits: the LLM's base model gives the final hidden states, only the
+M positions whose next token is supervised go through the output head, in chunks of at most
+``nll_chunk_elements`` logits, each chunk's float32 cross-entropy under activation checkpointing (so backward
+recomputes a chunk's logits instead of keeping all M x N of them). Models whose logits are not plain
+``lm_head(final hidden)`` (Gemma-2 soft-capping, Cohere logit scale) are refused at construction.
+
+Letters: B batch, T sequence, P visual tokens (patches), D encoder width, d LLM width, N vocabulary,
+M supervised tokens in the batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedModel
+
+from trainer.objectives.base import Needs
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+BATCH_KEYS = ("input_ids_BT", "labels_BT", "attention_mask_BT", "visual_start_B", "feats_BPD")
+
+
+@dataclasses.dataclass
+class VLMOutput:
+    visual_BPd: Tensor
+    """projector output V = g(F) (with grad when the projector trains)"""
+    lm_loss_sum: Tensor
+    """summed next-token NLL over supervised tokens (labels != -100), float32 scalar"""
+    num_target_tokens: int
+    """number of supervised (shifted) tokens that entered lm_loss_sum"""
+    hidden_BLPd: dict[int, Tensor]
+    """{l: H_l at the visual positions [B, P, d]} (H_0 = V, else hidden_states[l])"""
+    text_to_visual_BP: Tensor | None
+    """text->visual attention probabilities (mean over heads, text queries, attention_layers), or None"""
+    embed_Nd: Tensor
+    """the LLM's input embedding matrix (llm.get_input_embeddings().weight)"""
+    logits_BTN: Tensor | None = None
+    """full logits, only with return_logits=True"""
+
+
+def _text_config(llm: PreTrainedModel):
+    config = llm.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+class VisualLM(nn.Module):
+    """Projector g + causal LM; ``forward(batch, needs)`` -> ``VLMOutput``."""
+
+    nll_chunk_elements: int = 1 << 26
+    """max logits (rows x vocabulary) materialised at once by the LM loss: 2^26 fp32 = 256 MiB"""
+
+    def __init__(self, llm: PreTrainedModel, projector: nn.Module, gradient_checkpointing: bool = False):
+        super().__init__()
+        config = _text_config(llm)
+        for attr in ("final_logit_softcapping", "logit_scale"):
+            value = getattr(config, attr, None)
+            if value not in (None, 1.0):
+                raise NotImplementedError(
+                    f"{type(llm).__name__} has {attr}={value}: VisualLM computes logits as "
+                    f"lm_head(final hidden state) and would be wrong for it; use a Llama/Qwen2-style LM"
+                )
+        self.llm = llm
+        self.projector = projector
+        self.num_layers = int(config.num_hidden_layers)
+        self.hidden_size = int(config.hidden_size)
+        self.gradient_checkpointing = gradient_checkpointing
+        if gradient_checkpointing:
+            # Non-reentrant checkpointing back-propagates into inputs_embeds even when no LLM parameter
+            # requires grad (frozen LLM in pre-training); the reentrant variant would silently drop the
+            # projector's gradients unless the inputs were forced to require grad.
+            if hasattr(llm, "activation_checkpointing_enable"):  # transformers >= 5.23 renamed it
+                llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    # -----------------------------------------------------------------------------------------------------
+    def _check_batch(self, batch: dict) -> None:
+        missing = [k for k in BATCH_KEYS if k not in batch]
+        if missing:
+            raise KeyError(f"VisualLM batch lacks {missing}; the collator must provide {list(BATCH_KEYS)}")
+        ids_BT, feats_BPD, start_B = batch["input_ids_BT"], batch["feats_BPD"], batch["visual_start_B"]
+        if ids_BT.dim() != 2 or feats_BPD.dim() != 3 or start_B.dim() != 1:
+            raise ValueError(
+                f"VisualLM batch shapes: input_ids_BT {tuple(ids_BT.shape)} must be [B, T], feats_BPD "
+                f"{tuple(feats_BPD.shape)} [B, P, D], visual_start_B {tuple(start_B.shape)} [B]"
+            )
+        num_batch, num_tokens = ids_BT.shape
+        if feats_BPD.shape[0] != num_batch or start_B.shape[0] != num_batch:
+            raise ValueError(
+                f"VisualLM batch sizes disagree: input_ids_BT {num_batch}, feats_BPD {feats_BPD.shape[0]}, "
+                f"visual_start_B {start_B.shape[0]}"
+            )
+        num_visual = feats_BPD.shape[1]
+        if bool(((start_B < 0) | (start_B + num_visual > num_tokens)).any()):
+            raise ValueError(
+                f"visual_start_B {start_B.tolist()} + {num_visual} visual tokens do not fit in sequences of "
+                f"length {num_tokens}; the collator must reserve P pad slots per sample"
+            )
+
+    def _embed(self, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
+        """-> (inputs_embeds_BTd, visual_BPd, positions_BP)."""
+        self._check_batch(batch)
+        ids_BT, feats_BPD = batch["input_ids_BT"], batch["feats_BPD"]
+        embeds_BTd = self.llm.get_input_embeddings()(ids_BT)
+        projector_dtype = next(self.projector.parameters()).dtype
+        visual_BPd = self.projector(feats_BPD.to(device=embeds_BTd.device, dtype=projector_dtype))
+        num_visual = feats_BPD.shape[1]
+        start_B = batch["visual_start_B"].to(device=embeds_BTd.device, dtype=torch.long)
+        positions_BP = start_B[:, None] + torch.arange(num_visual, device=start_B.device)
+        index_BPd = positions_BP[:, :, None].expand(-1, -1, embeds_BTd.shape[-1])
+        # out-of-place scatter: gradients flow to visual_BPd (gathered) and to the token embeddings elsewhere
+        embeds_BTd = embeds_BTd.scatter(1, index_BPd, visual_BPd.to(embeds_BTd.dtype))
+        return embeds_BTd, visual_BPd, positions_BP
+
+    def embed(self, batch: dict) -> Tensor:
+        """inputs_embeds [B, T, d]: token embeddings, the visual slots replaced by projector(feats_BPD)."""
+        return self._embed(batch)[0]
+
+    def _chunk_nll_sum(self, hidden_Md: Tensor, targets_M: Tensor) -> Tensor:
+        logits_MN = self.llm.get_output_embeddings()(hidden_Md).float()
+        return F.cross_entropy(logits_MN, targets_M, reduction="sum")
+
+    def _lm_loss_sum(self, last_BTd: Tensor, labels_BT: Tensor) -> tuple[Tensor, int]:
+        # position t predicts token t + 1: keep the hidden states whose next token is supervised
+        targets_BT1 = labels_BT[:, 1:].to(last_BTd.device)
+        supervised_BT1 = targets_BT1 != IGNORE_INDEX
+        hidden_Md = last_BTd[:, :-1][supervised_BT1]
+        targets_M = targets_BT1[supervised_BT1]
+        num_targets = int(targets_M.numel())
+        if num_targets == 0:
+            # zero that stays attached to the graph, so backward (and DDP's gradient sync) still runs
+            return last_BTd.float().sum() * 0.0, 0
+        vocab = int(self.llm.get_output_embeddings().weight.shape[0])
+        rows = max(1, self.nll_chunk_elements // vocab)
+        total = torch.zeros((), dtype=torch.float32, device=last_BTd.device)
+        for begin in range(0, num_targets, rows):
+            h_Md, t_M = hidden_Md[begin : begin + rows], targets_M[begin : begin + rows]
+            if torch.is_grad_enabled() and h_Md.requires_grad:
+                total = total + checkpoint(self._chunk_nll_sum, h_Md, t_M, use_reentrant=False)
+            else:
+                total = total + self._chunk_nll_sum(h_Md, t_M)
+        return total, num_targets
+
+    # -----------------------------------------------------------------------------------------------------
+    def forward(self, batch: dict, needs: Needs = Needs(), return_logits: bool = False) -> VLMOutput:
+        embeds_BTd, visual_BPd, positions_BP = self._embed(batch)
+        attention_mask_BT = batch["attention_mask_BT"].to(embeds_BTd.device)
+        bad = [l for l in needs.hidden_layers if not 0 <= l <= self.num_layers]
+        bad += [l for l in needs.attention_layers if not 1 <= l <= self.num_layers]
+        if bad:
+            raise ValueError(
+                f"requested LLM layers {bad} do not exist: hidden layers are 0..{self.num_layers} "
+                f"(0 = V), attention layers 1..{self.num_layers}"
+            )
+
+        capture_ctx: contextlib.AbstractContextManager = contextlib.nullcontext()
+        if needs.attention_layers:
+            # written by the objectives engineer; imported lazily so plain LM training never loads it
+            from trainer.models.attention import capture_text_to_visual
+
+            visual_BT = torch.zeros_like(attention_mask_BT, dtype=torch.bool)
+            visual_BT.scatter_(1, positions_BP, True)
+            text_query_mask_BT = attention_mask_BT.bool() & ~visual_BT
+            capture_ctx = capture_text_to_visual(
+                self.llm,
+                needs.attention_layers,
+                positions_BP[:, 0],
+                positions_BP.shape[1],
+                text_query_mask_BT,
+            )
+        with capture_ctx as capture:
+            base_out = self.llm.base_model(
+                inputs_embeds=embeds_BTd,
+                attention_mask=attention_mask_BT,
+                use_cache=False,
+                output_hidden_states=bool(needs.hidden_layers),
+                return_dict=True,
+            )
+        last_BTd = base_out.last_hidden_state
+
+        hidden_BLPd: dict[int, Tensor] = {}
+        for layer in needs.hidden_layers:
+            if layer == 0:
+                hidden_BLPd[0] = visual_BPd  # H_0 = V itself (exact, in the projector's dtype)
+                continue
+            states_BTd = base_out.hidden_states[layer]
+            index_BPd = positions_BP[:, :, None].expand(-1, -1, states_BTd.shape[-1])
+            hidden_BLPd[layer] = states_BTd.gather(1, index_BPd)
+
+        lm_loss_sum, num_targets = self._lm_loss_sum(last_BTd, batch["labels_BT"])
+        logits_BTN = self.llm.get_output_embeddings()(last_BTd) if return_logits else None
+        return VLMOutput(
+            visual_BPd=visual_BPd,
+            lm_loss_sum=lm_loss_sum,
+            num_target_tokens=num_targets,
+            hidden_BLPd=hidden_BLPd,
+            text_to_visual_BP=capture.result_BP if capture is not None else None,
+            embed_Nd=self.llm.get_input_embeddings().weight,
+            logits_BTN=logits_BTN,
+        )
+
+
+STAGES = {"pretrain": False, "finetune": True}  # stage -> does the LLM train (the projector always does)
+
+
+def apply_stage(model: VisualLM, stage: str) -> dict[str, int]:
+    """Set requires_grad for a LLaVA stage ("pretrain": projector only; "finetune": projector + LLM).
+
+    Returns and logs ``{"trainable": n, "frozen": m}`` parameter counts (tied weights counted once).
+    """
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; valid stages: {', '.join(STAGES)}")
+    model.llm.requires_grad_(STAGES[stage])
+    model.projector.requires_grad_(True)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    log.info("stage %s: %s trainable, %s frozen parameters", stage, f"{trainable:,}", f"{frozen:,}")
+    return {"trainable": trainable, "frozen": frozen}
