@@ -63,121 +63,23 @@ def find_sample(out: str | Path, key: str) -> dict[str, Any]:
     raise ValueError(f"no sample with id or key {key!r} in {out}; `pipeline stats {out}` lists the shards")
 
 
-def _font(size: int):
-    from PIL import ImageFont
-
-    try:
-        import matplotlib
-
-        path = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans-Bold.ttf"
-        return ImageFont.truetype(str(path), size)
-    except Exception:  # no matplotlib / no FreeType: PIL's bundled bitmap font, fixed size
-        return ImageFont.load_default()
-
-
-def _fit(draw, word: str, width: int, base: int, min_size: int = 9):
-    """Largest font (<= base) at which ``word`` fits ``width``; long words wrap onto two lines first
-    (at a hyphen/space if there is one, else mid-word with a hyphen) rather than shrinking unreadably."""
-    candidates = [word]
-    for sep in ("-", " "):
-        if sep in word:
-            i = word.index(sep, len(word) // 3) if sep in word[len(word) // 3 :] else word.index(sep)
-            candidates.append(word[: i + 1].rstrip() + "\n" + word[i + 1 :].lstrip())
-            break
-    else:
-        if len(word) > 6:
-            half = (len(word) + 1) // 2
-            candidates.append(word[:half] + "-\n" + word[half:])
-    text, font = candidates[-1], _font(min_size)
-    # one line down to ~70% of the base size reads better than a wrapped word; wrap only beyond that
-    for size in range(base, max(min_size, int(base * 0.7)) - 1, -1):
-        font = _font(size)
-        if draw.textlength(word, font=font) <= width:
-            return word, font
-    for size in range(base, min_size - 1, -1):
-        font = _font(size)
-        for cand in candidates:
-            if max(draw.textlength(line, font=font) for line in cand.split("\n")) <= width:
-                return cand, font
-    return text, _font(min_size)
-
-
-def render_labels(image_rgb, grid: tuple[int, int], words_P: list[str], cell: int = 64):
-    """Upscale the encoder-view image to ``cell`` px per patch, draw grid lines and one word per cell."""
-    from PIL import Image, ImageDraw
-
-    rows, cols = grid
-    img = image_rgb.resize((cols * cell, rows * cell), Image.Resampling.NEAREST).convert("RGB")
-    draw = ImageDraw.Draw(img)
-    for c in range(1, cols):
-        draw.line([(c * cell, 0), (c * cell, rows * cell)], fill=(255, 255, 255), width=1)
-    for r in range(1, rows):
-        draw.line([(0, r * cell), (cols * cell, r * cell)], fill=(255, 255, 255), width=1)
-    base = max(8, cell // 4)
-    for p, word in enumerate(words_P):
-        if not word:
-            continue
-        r, c = divmod(p, cols)
-        text, font = _fit(draw, word, cell - 4, base)
-        cx, cy = c * cell + cell / 2, r * cell + cell / 2
-        draw.multiline_text(
-            (cx, cy),
-            text,
-            font=font,
-            fill=(255, 255, 255),
-            anchor="mm",
-            align="center",
-            spacing=0,
-            stroke_width=2,
-            stroke_fill=(0, 0, 0),
-        )
-    return img
-
-
-def encoder_view(out: str | Path, source: str):
-    """Re-read ``source``, apply the encoder's resize/crop (no normalisation): the picture the model saw."""
-    from pipeline.encoders.base import Preprocess
-    from pipeline.images import load_image
-    from pipeline.sources import TAR_SEP, read_tar_members
-
-    m = S.read_manifest(out)
-    spec = _preprocess_spec(m)
-    if TAR_SEP in source:
-        tar_path, member = source.split(TAR_SEP, 1)
-        data: Any = read_tar_members(tar_path, {member}).get(member)
-        if data is None:
-            raise ValueError(f"{member} is no longer in {tar_path}")
-    else:
-        if not Path(source).is_file():
-            raise ValueError(f"the image {source} recorded for this sample is gone; show needs the original")
-        data = source
-    image, _ = load_image(data)
-    plain = Preprocess(
-        spec.image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), spec.resize_mode, spec.crop_rounding
-    )
-    pixels_HWC = (plain(image).numpy().transpose(1, 2, 0) * 255.0 + 0.5).clip(0, 255).astype(np.uint8)
-    from PIL import Image
-
-    return Image.fromarray(pixels_HWC)
-
-
-def _preprocess_spec(m: S.Manifest):
-    """The encoder's preprocessing geometry, from the encoder itself (loaded from the local cache/path)."""
-    from pipeline.encoders import load_encoder
-
-    enc = load_encoder(m.encoder.name, backend=m.encoder.backend, path=m.encoder.path)
-    return enc.preprocess_spec
-
-
 def show(out: str | Path, key: str, png: str | Path, cell: int = 64) -> Path:
+    """The sample's top CLIP label drawn on each patch cell of the image as the encoder saw it."""
+    from pipeline.pictures import encoder_view, view_geometry, word_grid_image
+
     sample = find_sample(out, key)
     m = S.read_manifest(out)
     words = S.read_wordlist(out)
     labels_PK = sample["labels"]
     top1_P = labels_PK[:, 0]
     names = [words[i] if i >= 0 else "" for i in top1_P.tolist()]
-    view = encoder_view(out, sample["meta"]["source"])
-    img = render_labels(view, tuple(m.encoder.patch_grid), names, cell=cell)
+    rows, cols = m.encoder.patch_grid
+    source = sample["meta"]["source"]
+    view, found = encoder_view(source, *view_geometry(m))
+    if not found:
+        raise ValueError(f"the image {source} recorded for this sample is gone; show needs the original")
+    words_HW = [names[r * cols : (r + 1) * cols] for r in range(rows)]
+    img = word_grid_image(view, words_HW, cell_px=cell, dim=0.25)
     png = Path(png)
     png.parent.mkdir(parents=True, exist_ok=True)
     img.save(png)

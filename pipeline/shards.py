@@ -211,7 +211,7 @@ def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
 def iter_tar(path: str | Path) -> Iterator[dict[str, Any]]:
     """Decoded samples of one shard, in order; for tests, `pipeline info/show` and debugging.
 
-    The trainer streams through webdataset instead; both read the same members.
+    The trainer streams the same members through ``trainer.data.shards`` (sample-range reads for its split).
     """
     with tarfile.open(path, "r") as tar:
         current: dict[str, Any] | None = None

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline import pictures as words_on_cells
 from trainer.evaluate import pictures as pic
 
 
@@ -28,25 +29,28 @@ def test_encoder_view_crops_the_centre_and_falls_back_to_grey(tmp_path):
     wide[:, :16] = 255  # a white band that the crop must remove
     path = tmp_path / "wide.png"
     Image.fromarray(wide).save(path)
-    view, found = pic.encoder_view(str(path), 32, "shortest")
+    view, found = words_on_cells.encoder_view(str(path), 32, "shortest")
     assert found and view.size == (32, 32)
     assert np.asarray(view)[:, 2:].max() <= 10  # only the black middle is left (edge pixels may ring)
-    squashed, _ = pic.encoder_view(str(path), 32, "squash")
+    squashed, _ = words_on_cells.encoder_view(str(path), 32, "squash")
     assert np.asarray(squashed)[:, 0].min() > 200  # squash keeps the white band
     # inside a tar, as `<tar>::<member>`
     with tarfile.open(tmp_path / "imgs.tar", "w") as tar:
         tar.add(path, arcname="k1.png")
-    view2, found2 = pic.encoder_view(f"{tmp_path / 'imgs.tar'}::k1.png", 32, "shortest")
+    view2, found2 = words_on_cells.encoder_view(f"{tmp_path / 'imgs.tar'}::k1.png", 32, "shortest")
     assert found2 and np.array_equal(np.asarray(view2), np.asarray(view))
-    grey, found3 = pic.encoder_view(str(tmp_path / "gone.jpg"), 32)
-    assert not found3 and grey.getpixel((5, 5)) == pic.GREY
-    assert pic.resize_mode_for("tiny-siglip") == "squash" and pic.resize_mode_for("clip") == "shortest"
+    grey, found3 = words_on_cells.encoder_view(str(tmp_path / "gone.jpg"), 32)
+    assert not found3 and grey.getpixel((5, 5)) == words_on_cells.GREY
+    assert (
+        words_on_cells.resize_mode_for("tiny-siglip") == "squash"
+        and words_on_cells.resize_mode_for("clip") == "shortest"
+    )
 
 
 def test_word_grid_puts_each_word_on_its_cell():
     words = [["cat", ""], ["", "dog"]]
-    status = [[pic.HIT, None], [None, pic.MISS]]
-    out = pic.word_grid_image(_quadrants(), words, status, cell_px=80)
+    status = [[words_on_cells.HIT, None], [None, words_on_cells.MISS]]
+    out = words_on_cells.word_grid_image(_quadrants(), words, status, cell_px=80)
     assert out.size == (160, 160)
     arr = np.asarray(out).astype(int)
     # green text pixels only in cell (0, 0), red text pixels only in cell (1, 1); dimmed background elsewhere
@@ -58,7 +62,7 @@ def test_word_grid_puts_each_word_on_its_cell():
 
 def test_word_grid_long_words_fit_and_title_adds_a_band():
     words = [["incomprehensibilities"] * 3] * 3
-    out = pic.word_grid_image(None, words, cell_px=48, title="layer 0")
+    out = words_on_cells.word_grid_image(None, words, cell_px=48, title="layer 0")
     assert out.size == (144, 144 + int(48 * 0.6))
 
 
@@ -83,7 +87,7 @@ def test_curves_and_tables(tmp_path):
 
 @pytest.mark.parametrize("grid", [24])
 def test_full_llava_grid_renders_at_readable_size(grid):
-    out = pic.word_grid_image(None, [["word"] * grid] * grid)
+    out = words_on_cells.word_grid_image(None, [["word"] * grid] * grid)
     assert out.width == 1392 and out.height == 1392  # 58 px per cell: DejaVu >= 8 px fits 'word'
 
 
@@ -91,6 +95,6 @@ def test_view_geometry_falls_back_to_the_encoder_family():
     from types import SimpleNamespace
 
     enc = SimpleNamespace(name="no-such-siglip", backend="hf", path="/nonexistent", image_size=384)
-    assert pic.view_geometry(SimpleNamespace(encoder=enc)) == (384, "squash", "floor")
+    assert words_on_cells.view_geometry(SimpleNamespace(encoder=enc)) == (384, "squash", "floor")
     enc = SimpleNamespace(name="no-such-clip", backend="hf", path="/nonexistent", image_size=336)
-    assert pic.view_geometry(SimpleNamespace(encoder=enc)) == (336, "shortest", "floor")
+    assert words_on_cells.view_geometry(SimpleNamespace(encoder=enc)) == (336, "shortest", "floor")

@@ -114,8 +114,9 @@ def _same_shards(a: Path, b: Path) -> None:
     assert ca == cb
 
 
-def test_local_cluster_equals_synchronous(tmp_path, many_photos, photo_dataset, cache_dir):
-    base = dict(
+def _scheduler_config(many_photos, photo_dataset, cache_dir) -> dict:
+    """The label settings both scheduler-equivalence tests run twice (synchronous vs a cluster)."""
+    return dict(
         encoder="tiny-clip",
         input=str(many_photos),
         images=_images_root(photo_dataset),
@@ -125,6 +126,10 @@ def test_local_cluster_equals_synchronous(tmp_path, many_photos, photo_dataset, 
         progress=False,
         cache_dir=str(cache_dir),
     )
+
+
+def test_local_cluster_equals_synchronous(tmp_path, many_photos, photo_dataset, cache_dir):
+    base = _scheduler_config(many_photos, photo_dataset, cache_dir)
     run_label(LabelConfig(shards=str(tmp_path / "sync"), scheduler="synchronous", **base))
     summary = run_label(LabelConfig(shards=str(tmp_path / "local"), scheduler="local", workers=2, **base))
     assert summary["num_images"] == 14 and summary["num_shards"] == 3
@@ -170,16 +175,7 @@ def test_existing_cluster_equals_synchronous(tmp_path, many_photos, photo_datase
 
         with Client(addr, timeout="60s") as client:
             client.wait_for_workers(2, timeout=60)
-        base = dict(
-            encoder="tiny-clip",
-            input=str(many_photos),
-            images=_images_root(photo_dataset),
-            wordlist=str(many_photos.parent / "words.txt"),
-            samples_per_shard=5,
-            batch_size=2,
-            progress=False,
-            cache_dir=str(cache_dir),
-        )
+        base = _scheduler_config(many_photos, photo_dataset, cache_dir)
         run_label(LabelConfig(shards=str(tmp_path / "sync"), scheduler="synchronous", **base))
         run_label(LabelConfig(shards=str(tmp_path / "tcp"), scheduler=addr, **base))
         _same_shards(tmp_path / "sync", tmp_path / "tcp")

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.config import parse, resolve
-from pipeline.shards import read_manifest
+from pipeline.shards import ShardFormatError, read_manifest
 from trainer import checkpoint as ckpt_io
 from trainer.cli import main
 from trainer.config import TrainConfig
@@ -257,3 +257,35 @@ def test_training_presets_follow_the_paper_settings(preset):
         assert names == parse_spec(preset.stem.removeprefix("pretrain-").replace("-", "+"))
     elif preset.name.startswith("finetune-"):
         assert (cfg.stage, cfg.optim.lr, global_batch) == ("finetune", 2e-5, 128)
+
+
+def test_periodic_heldout_eval_equals_trainer_eval(shards, tiny_shards, tmp_path):
+    """--eval.every logs the `trainer eval` measures of the held-out samples at that step: the record of the
+    last step equals a separate `trainer eval` of the final checkpoint on the same samples."""
+    from trainer.evaluate.runner import EvalConfig, run_eval
+
+    heldout = tiny_shards(num_samples=5, samples_per_shard=2)  # same fingerprint and words, other samples
+    run = tmp_path / "run"
+    flags = ["--max-steps", "4", "--lr", "1e-2", "--objective", "sea+distill", "--eval.shards", str(heldout)]
+    flags += ["--eval.every", "2", "--eval.samples", "3", "--eval.batch_size", "2", "--eval.layers", "0,2"]
+    Trainer(config(shards, run, *flags)).train()
+    records = [r for r in read_log(run) if any(k.startswith("eval/") for k in r)]
+    assert [r["step"] for r in records] == [2, 4]
+    assert records[0] != records[1]  # the projector moved between the two evaluations
+    last = records[-1]
+    assert {"eval/hit@1/l0", "eval/meaningful_share/l2", "eval/consistency/l0"} <= set(last)
+    assert "eval/reverse_cos/encoder" in last and not any(k.endswith("/l1") for k in last)
+
+    cfg = EvalConfig(run=str(run), shards=str(heldout), out=str(tmp_path / "ev"), samples=3, pictures=0)
+    payload = run_eval(dataclasses.replace(cfg, device="cpu"))
+    for layer in (0, 2):
+        for name, value in payload["per_layer"][layer].items():
+            assert last[f"eval/{name}/l{layer}"] == pytest.approx(value, abs=1e-6), (name, layer)
+    assert last["eval/reverse_cos/encoder"] == pytest.approx(payload["reverse_cosine"]["encoder"], abs=1e-6)
+
+
+def test_heldout_shards_from_another_encoder_are_refused(shards, tiny_shards, tmp_path):
+    other = tiny_shards(num_samples=4, samples_per_shard=2, fingerprint="another-encoder")
+    flags = ["--eval.shards", str(other), "--eval.every", "1", "--max-steps", "1"]
+    with pytest.raises(ShardFormatError, match="another-encoder.*same encoder"):
+        Trainer(config(shards, tmp_path / "r", *flags))

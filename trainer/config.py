@@ -92,6 +92,21 @@ class LoggingConfig:
 
 
 @dataclasses.dataclass
+class HeldoutEvalConfig:
+    shards: str | None = None
+    """a `pipeline label` output of held-out images (same encoder and word list as --shards), evaluated with
+    the `trainer eval` measures during training; None = no periodic evaluation"""
+    every: int = 0
+    """evaluate every this many steps (and at the last step); 0 = never"""
+    samples: int = 32
+    """held-out samples, taken in manifest order from the first shards (the same ones every time)"""
+    batch_size: int = 8
+    """samples per evaluation forward pass"""
+    layers: tuple[int, ...] = ()
+    """layers measured (0 = projector output); default: 0, the middle and the last (all: `trainer eval`)"""
+
+
+@dataclasses.dataclass
 class TrainConfig:
     shards: str
     """a finished `pipeline label` output folder (manifest.json + shard-*.tar)"""
@@ -113,4 +128,5 @@ class TrainConfig:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    eval: HeldoutEvalConfig = dataclasses.field(default_factory=HeldoutEvalConfig)
     objectives: ObjectivesConfig = dataclasses.field(default_factory=ObjectivesConfig)

@@ -189,6 +189,7 @@ class Trainer:
         )
         self.stream = stream
         self.batches = iter(make_loader(stream))
+        self.heldout = self.build_heldout(fmt)
         if cfg.logging.tensorboard:
             acc.init_trackers("tensorboard")
 
@@ -271,6 +272,47 @@ class Trainer:
         )
         return build_objectives(self.cfg.objective, self.cfg.objectives, ctx)
 
+    def build_heldout(self, fmt: str) -> dict[str, Any] | None:
+        """The fixed held-out batches and word tables of the periodic evaluation (``cfg.eval``), or None."""
+        ev = self.cfg.eval
+        if not ev.shards or ev.every <= 0:
+            return None
+        from trainer.evaluate.runner import eval_inputs
+
+        held = read_manifest(ev.shards)
+        for name, train_value, held_value in [
+            ("encoder fingerprint", self.manifest.encoder.fingerprint, held.encoder.fingerprint),
+            ("word list sha256", self.manifest.wordlist.sha256, held.wordlist.sha256),
+            ("feature width", self.manifest.encoder.feature_dim, held.encoder.feature_dim),
+        ]:
+            if train_value != held_value:
+                raise ShardFormatError(
+                    f"--eval.shards {ev.shards} has {name} {held_value} but --shards {self.cfg.shards} has "
+                    f"{train_value}: label the held-out images with the same encoder and word list"
+                )
+        inputs = eval_inputs(
+            ev.shards, self.tokenizer, fmt, self.cfg.data.max_length, ev.samples, ev.batch_size,
+            cache_dir=self.cfg.model.cache_dir,
+        )  # fmt: skip
+        num_layers = int(self.vlm.llm.config.get_text_config().num_hidden_layers)
+        inputs["layers"] = tuple(ev.layers) or (0, num_layers // 2, num_layers)
+        return inputs
+
+    def evaluate(self) -> dict[str, float]:
+        """The `trainer eval` measures on the held-out batches, logged as ``eval/<measure>/l<layer>``.
+
+        Every rank computes the same numbers on the unwrapped model (no collective inside, so a rank never
+        waits on another); the main process writes them. In eval mode no RNG is drawn, so a resumed run
+        stays bit-exact. FSDP shards the parameters and is not supported here (see docs/trainer.md).
+        """
+        from trainer.evaluate.runner import evaluate_batches, flat_report
+
+        module = self.accelerator.unwrap_model(self.model)
+        result = evaluate_batches(module.vlm, module.objectives, **self.heldout)
+        report = flat_report(result)
+        self.log_metrics(report)
+        return report
+
     # -----------------------------------------------------------------------------------------------------
     # the loop
     # -----------------------------------------------------------------------------------------------------
@@ -301,6 +343,10 @@ class Trainer:
             )
             if self.step % cfg.logging.log_every == 0 or self.step == cfg.optim.max_steps:
                 self.log_metrics(metrics)
+            if self.heldout is not None and (
+                self.step % cfg.eval.every == 0 or self.step == cfg.optim.max_steps
+            ):
+                self.evaluate()
             if self.step % cfg.checkpoint.save_every == 0 or self.step == cfg.optim.max_steps:
                 self.save()
             if cfg.stop_after is not None and self.step >= cfg.stop_after:

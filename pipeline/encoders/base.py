@@ -204,9 +204,30 @@ class VisionEncoder(nn.Module, abc.ABC):
     @abc.abstractmethod
     def forward(self, pixels_BCHW: Tensor, feature_layer: int = -2) -> EncoderOutput: ...
 
-    @abc.abstractmethod
+    text_batch: int = 256
+    """texts per text-tower forward in ``encode_text``"""
+
+    @torch.no_grad()
     def encode_text(self, texts: list[str]) -> Tensor:
-        """``[N, E]`` text-tower embeddings in the joint space, not normalised; batches internally."""
+        """``[N, E]`` text-tower embeddings in the joint space, not normalised, float32; batches internally."""
+        from tqdm.auto import tqdm
+
+        if isinstance(texts, str):
+            raise TypeError("encode_text expects a list of strings, got a single str")
+        device = next(self.parameters()).device
+        num_batches = (len(texts) + self.text_batch - 1) // self.text_batch
+        out_NE = []
+        for batch in tqdm(
+            chunks(list(texts), self.text_batch), total=num_batches, desc="text", disable=num_batches < 4
+        ):
+            out_NE.append(self._encode_text_batch(batch, device).float())
+        if not out_NE:
+            return torch.zeros(0, self.joint_dim)
+        return torch.cat(out_NE)
+
+    @abc.abstractmethod
+    def _encode_text_batch(self, texts: list[str], device: torch.device) -> Tensor:
+        """One batch of ``encode_text``: ``[n, E]`` joint-space text embeddings."""
 
     @abc.abstractmethod
     def _fingerprint_parts(self) -> tuple[dict[str, Any], dict[str, Tensor]]:

@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from pipeline.encoders.base import (
     CLIP_MEAN,
@@ -34,11 +33,9 @@ from pipeline.encoders.base import (
     Preprocess,
     VisionEncoder,
     check_options,
-    chunks,
 )
 
 HF_MODEL_TYPES = ("clip", "siglip")
-TEXT_BATCH = 256
 # LlavaForConditionalGeneration holds the tower as ``model.vision_tower`` (AutoModel of the vision config).
 LLAVA_VISION_PREFIX = "model.vision_tower."
 
@@ -157,23 +154,10 @@ class HFVisionEncoder(VisionEncoder):
         )
         return {"input_ids": enc["input_ids"]}
 
-    @torch.no_grad()
-    def encode_text(self, texts: list[str]) -> Tensor:
-        if isinstance(texts, str):
-            raise TypeError("encode_text expects a list of strings, got a single str")
-        device = next(self.parameters()).device
-        num_batches = (len(texts) + TEXT_BATCH - 1) // TEXT_BATCH
-        out_NE = []
-        for batch in tqdm(
-            chunks(list(texts), TEXT_BATCH), total=num_batches, desc="text", disable=num_batches < 4
-        ):
-            enc = {k: v.to(device) for k, v in self._tokenize(batch).items()}
-            feats = self.model.get_text_features(**enc)
-            # transformers 5 returns an output object here, 4.x a tensor
-            out_NE.append(getattr(feats, "pooler_output", feats).float())
-        if not out_NE:
-            return torch.zeros(0, self.joint_dim)
-        return torch.cat(out_NE)
+    def _encode_text_batch(self, texts: list[str], device: torch.device) -> Tensor:
+        enc = {k: v.to(device) for k, v in self._tokenize(texts).items()}
+        feats = self.model.get_text_features(**enc)
+        return getattr(feats, "pooler_output", feats)  # transformers 5 returns an output object, 4.x a tensor
 
     # ------------------------------------------------------------------ identity / export
     def _fingerprint_parts(self):

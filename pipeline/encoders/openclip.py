@@ -24,17 +24,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from pipeline.encoders.base import (
     EncoderOutput,
     Preprocess,
     VisionEncoder,
     check_options,
-    chunks,
 )
-
-TEXT_BATCH = 256
 
 
 class OpenCLIPVisionEncoder(VisionEncoder):
@@ -169,25 +165,10 @@ class OpenCLIPVisionEncoder(VisionEncoder):
         proj = model.text_projection
         return proj(pooled) if isinstance(proj, torch.nn.Linear) else pooled @ proj
 
-    @torch.no_grad()
-    def encode_text(self, texts: list[str]) -> Tensor:
-        if isinstance(texts, str):
-            raise TypeError("encode_text expects a list of strings, got a single str")
-        device = next(self.parameters()).device
-        num_batches = (len(texts) + TEXT_BATCH - 1) // TEXT_BATCH
-        out_NE = []
-        for batch in tqdm(
-            chunks(list(texts), TEXT_BATCH), total=num_batches, desc="text", disable=num_batches < 4
-        ):
-            if self.is_clip and self.text_context:
-                tokens_BL = self.tokenizer(batch, context_length=self.text_context).to(device)
-                out_NE.append(self._clip_text(tokens_BL).float())
-            else:
-                tokens_BL = self.tokenizer(batch).to(device)
-                out_NE.append(self.model.encode_text(tokens_BL).float())
-        if not out_NE:
-            return torch.zeros(0, self.joint_dim)
-        return torch.cat(out_NE)
+    def _encode_text_batch(self, texts: list[str], device: torch.device) -> Tensor:
+        if self.is_clip and self.text_context:
+            return self._clip_text(self.tokenizer(texts, context_length=self.text_context).to(device))
+        return self.model.encode_text(self.tokenizer(texts).to(device))
 
     def _fingerprint_parts(self):
         return {"model_name": self.model_name, "model_cfg": self.model_config}, self.model.state_dict()

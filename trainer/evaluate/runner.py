@@ -373,7 +373,7 @@ def picture_layers(requested: Iterable[int], num_layers: int) -> list[int]:
 
 def cell_status(nearest_P: list[int], labels_PK) -> list[str]:
     """Per patch: 'hit' if its nearest word is one of its kept labels, 'miss' if not, 'none' if unlabelled."""
-    from trainer.evaluate.pictures import HIT, MISS, UNLABELLED
+    from pipeline.pictures import HIT, MISS, UNLABELLED
 
     status = []
     for word, row in zip(nearest_P, labels_PK.tolist()):
@@ -396,7 +396,7 @@ def word_pictures(
     title: str = "",
 ):
     """``{(sample key, layer): PIL image}``: each patch's nearest word on the encoder view of the image."""
-    from trainer.evaluate.pictures import encoder_view, view_geometry, word_grid_image
+    from pipeline.pictures import encoder_view, view_geometry, word_grid_image
 
     grid_hw = tuple(manifest.encoder.patch_grid)
     geometry = view_geometry(manifest)
@@ -581,9 +581,11 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     ev, samples, manifest = evaluate_run(cfg)
     layers = picture_layers(cfg.layers, ev.num_layers)
     title = f"{ev.name} step {ev.step}"
-    images = word_pictures(
-        samples[: cfg.pictures], ev.result["nearest"], read_wordlist(cfg.shards), manifest, layers, title
-    )
+    images = {}
+    if cfg.pictures > 0:  # --pictures 0: measures only
+        images = word_pictures(
+            samples[: cfg.pictures], ev.result["nearest"], read_wordlist(cfg.shards), manifest, layers, title
+        )
     names = []
     for (key, layer), image in images.items():
         name = f"words-{key}-l{layer}.png"
@@ -636,8 +638,12 @@ def run_compare(cfg_a: EvalConfig, cfg_b: EvalConfig) -> dict[str, Any]:
     words = read_wordlist(cfg_a.shards)
     shown = samples[: cfg_a.pictures]
     names = []
+    if not shown:  # --pictures 0: the metrics table and curves only
+        layers_drawn = []
+    else:
+        layers_drawn = picture_layers(cfg_a.layers, min(ev_a.num_layers, ev_b.num_layers))
     # layer indices are compared as they are; two LLMs of different depth meet at 0 and at their own last
-    for layer in picture_layers(cfg_a.layers, min(ev_a.num_layers, ev_b.num_layers)):
+    for layer in layers_drawn:
         pics_a = word_pictures(shown, ev_a.result["nearest"], words, manifest, [layer], ev_a.name)
         pics_b = word_pictures(shown, ev_b.result["nearest"], words, manifest, [layer], ev_b.name)
         for key, img_a in pics_a.items():
