@@ -247,17 +247,16 @@ def run_label(cfg: LabelConfig) -> dict[str, Any]:
     num_todo_items = sum(len(t["items"]) for t in tasks)
     bar = tqdm(total=num_todo_items, desc="label", unit="img", disable=not cfg.progress)
     t_work = time.perf_counter()
-    num_new_images = 0
+    num_new_images = num_new_rejects = 0  # this run only (resumed shards are not counted)
 
     def on_done(stats: dict[str, Any]) -> None:
-        nonlocal num_new_images
+        nonlocal num_new_images, num_new_rejects
         done[stats["index"]] = stats
         num_new_images += stats["num_samples"]
+        num_new_rejects += stats["num_rejects"]
         bar.update(stats["num_items"])
         elapsed = time.perf_counter() - t_work
-        bar.set_postfix(
-            images_per_s=f"{num_new_images / max(elapsed, 1e-9):.2f}", rejects=stats["num_rejects"]
-        )
+        bar.set_postfix(images_per_s=f"{num_new_images / max(elapsed, 1e-9):.2f}", rejects=num_new_rejects)
 
     try:
         _run_tasks(tasks, cfg, on_done)
