@@ -131,3 +131,21 @@ def test_export_refuses_what_hf_llava_cannot_hold(tiny_shards, encoder, tmp_path
     with pytest.raises(SystemExit):
         main(["export", str(run), "--out", str(tmp_path / "hf")])
     assert "relabel with --backend hf" in capsys.readouterr().err
+
+
+def test_reverse_projectors_are_checkpointed_not_exported(tiny_shards, encoder, tmp_path):
+    """A distill run keeps its reverse projector (and SEA's temperature) in the checkpoint's objectives file;
+    the HF folder holds only what LlavaForConditionalGeneration has (no objective weights)."""
+    from safetensors import safe_open
+
+    run = trained_run(tmp_path, clip_shards(tiny_shards, encoder), "--objective", "sea+distill")
+    objectives = ckpt_io.load_tensors(ckpt_io.resolve_checkpoint(run), ckpt_io.OBJECTIVES)
+    assert any(k.startswith("distill.") for k in objectives) and any(k.startswith("sea.") for k in objectives)
+    out = tmp_path / "hf"
+    assert main(["export", str(run), "--format", "hf-llava", "--out", str(out)]) == 0
+    exported = set()
+    for path in out.glob("*.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            exported |= set(f.keys())
+    assert exported and any("multi_modal_projector" in k for k in exported)
+    assert not any(k.startswith(("distill", "sea")) or "reverse" in k or "logit_scale" in k for k in exported)
