@@ -76,9 +76,10 @@ def write_photo_dataset(root: Path, names: list[str] | None = None, max_side: in
     return path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def cache_dir(tmp_path_factory) -> Path:
-    """One model cache for the whole session: tiny models are built and saved once, then reloaded."""
+    """One model cache for the whole session: tiny models are built and saved once, then reloaded. Autouse,
+    so no test reads or writes the user's $VISALIGN_CACHE."""
     path = tmp_path_factory.mktemp("visalign-cache")
     os.environ["VISALIGN_CACHE"] = str(path)
     return path

@@ -263,13 +263,21 @@ def evaluate_batches(
     return result
 
 
+def _word_cache(cache_dir: str | Path | None) -> Path:
+    """Where the pre-tokenised word list lives: the SEA objective's place ($VISALIGN_CACHE by default), so a
+    run, its periodic evaluation and `trainer eval` tokenise a word list once."""
+    from trainer.models.llm import default_cache_dir
+
+    return Path(cache_dir) if cache_dir else default_cache_dir()
+
+
 def word_targets(words: list[str], tokenizer: Any, embed_Nd: torch.Tensor, cache_dir=None, wordlist_sha=None):
     """``(word_targets_Wd, word_ok_W)``: SEA's targets (mean input embedding of a word's sub-tokens), through
     the SEA objective's own cached tokenisation of the word list, so both always agree."""
     from trainer.objectives.sea import cached_word_tokens
     from trainer.objectives.sea import word_targets as sea_word_targets
 
-    tokens_WS = torch.from_numpy(cached_word_tokens(words, tokenizer, cache_dir, wordlist_sha))
+    tokens_WS = torch.from_numpy(cached_word_tokens(words, tokenizer, _word_cache(cache_dir), wordlist_sha))
     return sea_word_targets(tokens_WS.to(embed_Nd.device), embed_Nd), (tokens_WS >= 0).any(1)
 
 
@@ -302,7 +310,9 @@ def eval_inputs(
         collate([transform(dict(s)) for s in samples[i : i + batch_size]])
         for i in range(0, len(samples), batch_size)
     ]
-    tokens_WS = torch.from_numpy(cached_word_tokens(words, tokenizer, cache_dir, manifest.wordlist.sha256))
+    tokens_WS = torch.from_numpy(
+        cached_word_tokens(words, tokenizer, _word_cache(cache_dir), manifest.wordlist.sha256)
+    )
     return {
         "batches": batches,
         "word_targets_Wd": None,
