@@ -319,6 +319,65 @@ def test_bad_backend_and_options_are_clear_errors(cache_dir):
         load_encoder("tiny-siglip", cache_dir=cache_dir, dense="maskclip")
 
 
+@pytest.mark.parametrize(
+    "name,oc_name,image,patch,width,layers",
+    [("clip", "ViT-L-14-336", 336, 14, 1024, 24), ("siglip", "ViT-SO400M-14-SigLIP-384", 384, 14, 1152, 27)],
+)
+def test_real_names_are_llava_towers(name, oc_name, image, patch, width, layers):
+    """`clip` is LLaVA-1.5's CLIP ViT-L/14-336 (24 x 24 = 576 patches), `siglip` SigLIP-SO400M/14-384: the
+    open_clip architecture each name resolves to, built on the meta device (shapes only, no weights, no
+    memory), and the HF hub id."""
+    import open_clip
+
+    from pipeline.encoders import REAL
+
+    hub_id, registered, _, _ = REAL[name]
+    assert registered == oc_name
+    with torch.device("meta"):
+        visual = open_clip.create_model(oc_name, pretrained=None, device="meta").visual
+    if hasattr(visual, "trunk"):  # SigLIP: a timm ViT trunk
+        t = visual.trunk
+        got = (t.patch_embed.img_size[0], t.patch_embed.patch_size[0], t.embed_dim, len(t.blocks))
+    else:
+        got = (visual.image_size[0], visual.conv1.kernel_size[0], visual.transformer.width)
+        got += (len(visual.transformer.resblocks),)
+    assert got == (image, patch, width, layers)
+    assert (
+        hub_id
+        == {"clip": "openai/clip-vit-large-patch14-336", "siglip": "google/siglip-so400m-patch14-384"}[name]
+    )
+
+
+def test_real_tower_without_weights_names_the_fix(monkeypatch, tmp_path):
+    """Offline with nothing cached: one error that names the weights and --encoder_path, for both backends;
+    any other loading error passes through unchanged."""
+    import pipeline.encoders.hf as hf
+    import pipeline.encoders.openclip as oc
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find "
+                      "them in the cached files.")  # fmt: skip
+
+    def no_download(*args, **kwargs):
+        raise RuntimeError("Failed to download weights for tag 'webli'")
+
+    monkeypatch.setattr(hf, "HFVisionEncoder", offline)
+    monkeypatch.setattr(oc, "OpenCLIPVisionEncoder", no_download)
+    with pytest.raises(FileNotFoundError, match="openai/clip-vit-large-patch14-336.*--encoder_path"):
+        load_encoder("clip")
+    with pytest.raises(FileNotFoundError, match="ViT-SO400M-14-SigLIP-384.*--encoder_path"):
+        load_encoder("siglip", backend="open_clip")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_encoder("clip", path=str(tmp_path / "nowhere"))
+
+    def corrupt(*args, **kwargs):
+        raise RuntimeError("size mismatch for vision_model.embeddings")
+
+    monkeypatch.setattr(hf, "HFVisionEncoder", corrupt)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        load_encoder("clip")
+
+
 def test_local_folder_as_name(encoders, pixels):
     """A bare HF checkpoint folder loads as an encoder (model_type read from config.json)."""
     known = encoders[("tiny-siglip", "hf")]

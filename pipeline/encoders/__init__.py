@@ -88,6 +88,22 @@ def _real_factory(name: str):
 
     def factory(backend=None, path=None, cache_dir=None, **options) -> VisionEncoder:
         backend = _backend(name, backend)
+        if path is not None and not Path(path).exists():
+            raise FileNotFoundError(f"encoder {name!r}: --encoder_path {path} does not exist")
+        try:
+            return load(backend, path, cache_dir, **options)
+        except (OSError, RuntimeError) as err:
+            if path is not None or not _looks_like_no_weights(err):
+                raise
+            source = hub_id if backend == "hf" else f"open_clip {oc_name} / {oc_tag}"
+            raise FileNotFoundError(
+                f"encoder {name!r}: the weights ({source}) are neither in the local cache nor reachable "
+                f"(offline or no network). Download them on a machine with network (hf: `huggingface-cli "
+                f"download {hub_id}`) and pass --encoder_path /path/to/the/folder (or the open_clip weights "
+                "file with --backend open_clip)"
+            ) from err
+
+    def load(backend, path, cache_dir, **options) -> VisionEncoder:
         if backend == "hf":
             from pipeline.encoders.hf import HFVisionEncoder
 
@@ -106,6 +122,13 @@ def _real_factory(name: str):
 
     factory.__name__ = f"load_{name}"
     return factory
+
+
+def _looks_like_no_weights(err: BaseException) -> bool:
+    """transformers (OSError "couldn't connect ... cached files") and open_clip (RuntimeError "Failed to
+    download") both say 'not cached and no hub'; other errors (a corrupt file, a bad option) pass through."""
+    text = str(err).lower()
+    return any(s in text for s in ("connect", "download", "cached files", "offline", "not found"))
 
 
 def _random_vit_b16(backend=None, path=None, cache_dir=None, **options) -> VisionEncoder:
