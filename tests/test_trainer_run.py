@@ -289,3 +289,27 @@ def test_heldout_shards_from_another_encoder_are_refused(shards, tiny_shards, tm
     flags = ["--eval.shards", str(other), "--eval.every", "1", "--max-steps", "1"]
     with pytest.raises(ShardFormatError, match="another-encoder.*same encoder"):
         Trainer(config(shards, tmp_path / "r", *flags))
+
+
+def test_initialisation_does_not_depend_on_a_cold_model_cache(shards, tmp_path, monkeypatch):
+    """The first load of a registry LLM builds it into the cache, and building a model draws from the global
+    RNG (smollm2's conversion does); a later run finds it built. Both must start from the same projector and
+    objective modules: simulated by a load that draws random numbers once."""
+    import trainer.models.llm as llm_module
+
+    real_load = llm_module.load_llm
+    cold_cache = {"cold": True}
+
+    def load_llm(*args, **kwargs):
+        if cold_cache.pop("cold", False):
+            torch.rand(1000)  # what a build into an empty cache does to the global RNG
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(llm_module, "load_llm", load_llm)
+    cold = Trainer(config(shards, tmp_path / "a", "--objective", "distill"))
+    warm = Trainer(config(shards, tmp_path / "b", "--objective", "distill"))
+    assert not cold_cache  # the first load was the "cold" one
+    for a, b in [(cold.vlm.projector, warm.vlm.projector), (cold.objectives, warm.objectives)]:
+        pa, pb = params(a), params(b)
+        assert pa.keys() == pb.keys() and pa
+        assert all(torch.equal(pa[k], pb[k]) for k in pa)

@@ -213,6 +213,8 @@ class Trainer:
         return None
 
     def build_model(self):
+        from accelerate.utils import set_seed
+
         from trainer.models.llm import load_llm
         from trainer.models.projector import build_projector
         from trainer.models.vlm import VisualLM, apply_stage
@@ -233,6 +235,10 @@ class Trainer:
                     f"cannot load --llm {cfg.model.llm!r} ({first}); give a registry name "
                     "(tiny-llm, smollm2-135m) or a local HF model folder"
                 ) from err
+        # the first load of a registry model builds it into the cache, and building draws random numbers (or
+        # seeds its own): re-seed so the projector and objective modules start the same whether the cache was
+        # cold or warm, on every rank
+        set_seed(cfg.seed)
         hidden = llm.config.get_text_config().hidden_size
         projector = build_projector(cfg.model.projector, self.manifest.encoder.feature_dim, hidden)
         if cfg.model.init_projector:
