@@ -68,8 +68,9 @@ def main() -> None:
 
     import torch
 
-    from pipeline.label import LabelConfig, get_encoder, resolve_device
-    from pipeline.run import run_label
+    from pipeline.config import LabelConfig
+    from pipeline.driver import run_label
+    from pipeline.task import get_encoder, resolve_device
     from pipeline.wordlist import cached_word_embeddings, load_wordlist
 
     device = resolve_device(args.device)
@@ -83,7 +84,7 @@ def main() -> None:
         for i in range(args.images):
             photos[i % len(photos)].save(images_dir / f"{i:06d}.jpg", quality=90)
 
-        from pipeline.encoders import default_cache_dir
+        from visalign.cache import default_cache_dir
 
         cache_dir = str(default_cache_dir())
         options = {"dense": "none", "text_context": args.text_context}
@@ -112,7 +113,7 @@ def main() -> None:
         stage_s = time.perf_counter() - t0
         assert summary["num_images"] == args.images, summary
 
-        from pipeline.images import load_image
+        from visalign.images import load_image
 
         pixels = torch.stack([enc.preprocess(load_image(p)[0]) for p in sorted(images_dir.glob("*.jpg"))])
         autocast = device.startswith("cuda")

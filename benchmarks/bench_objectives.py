@@ -132,6 +132,7 @@ def make_step(model, ctx, spec: str, device: str):
         parse_spec,
         union_needs,
     )
+    from trainer.objectives.base import StepContext
 
     cfg = ObjectivesConfig()
     objectives = build_objectives(spec, cfg, ctx).to(device)
@@ -145,7 +146,7 @@ def make_step(model, ctx, spec: str, device: str):
         out = model(batch, needs)
         total = 0.0
         for obj in objectives.values():
-            losses, _ = obj(batch, out)
+            losses, _ = obj(batch, out, StepContext())
             total = total + sum(weights[k] * v for k, v in losses.items())
         optim.zero_grad(set_to_none=True)
         total.backward()

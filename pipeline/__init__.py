@@ -1,10 +1,13 @@
-"""visalign.pipeline: the offline half.
+"""pipeline: the offline half.
 
 word list -> text embeddings -> exact top-k search; images -> vision encoder -> (a) LLaVA input features and
-(b) per-patch top-k word labels -> WebDataset shards + manifest (the contract in ``pipeline.shards``).
+(b) per-patch top-k word labels -> WebDataset shards + manifest (the contract in ``visalign.shards``).
 
-Importing this package is cheap and pulls neither Dask nor FAISS: the trainer reads ``pipeline.shards``,
-``pipeline.config`` and ``pipeline.encoders`` on GPU nodes that have neither installed.
+``config`` (LabelConfig), ``sources`` (inputs), ``wordlist`` and ``search`` (words), ``encoders/`` (towers),
+``task`` (one output shard, a pure function), ``driver`` (the whole stage on Dask), ``inspect`` and ``cli``.
+Importing this package is cheap and pulls neither Dask nor FAISS.
 """
 
-__version__ = "0.1.0"
+from visalign import __version__
+
+__all__ = ["__version__"]

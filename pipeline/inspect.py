@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import shards as S
+from visalign import shards as S
+from visalign.errors import InputError
 
 
 def format_info(out: str | Path) -> str:
@@ -52,7 +53,7 @@ def format_info(out: str | Path) -> str:
 
 def find_sample(out: str | Path, key: str) -> dict[str, Any]:
     """The decoded sample whose id (or tar key) is ``key``; raises ValueError naming the output if absent."""
-    from pipeline.sources import sample_key
+    from visalign.shards import sample_key
 
     m = S.read_manifest(out)
     wanted = {key, sample_key(key)}
@@ -60,12 +61,12 @@ def find_sample(out: str | Path, key: str) -> dict[str, Any]:
         for sample in S.iter_tar(path):
             if sample["__key__"] in wanted or sample["meta"].get("id") == key:
                 return sample
-    raise ValueError(f"no sample with id or key {key!r} in {out}; `pipeline stats {out}` lists the shards")
+    raise InputError(f"no sample with id or key {key!r} in {out}; `pipeline stats {out}` lists the shards")
 
 
 def show(out: str | Path, key: str, png: str | Path, cell: int = 64) -> Path:
     """The sample's top CLIP label drawn on each patch cell of the image as the encoder saw it."""
-    from pipeline.pictures import encoder_view, view_geometry, word_grid_image
+    from visalign.pictures import encoder_view, view_geometry, word_grid_image
 
     sample = find_sample(out, key)
     m = S.read_manifest(out)
@@ -77,7 +78,7 @@ def show(out: str | Path, key: str, png: str | Path, cell: int = 64) -> Path:
     source = sample["meta"]["source"]
     view, found = encoder_view(source, *view_geometry(m))
     if not found:
-        raise ValueError(f"the image {source} recorded for this sample is gone; show needs the original")
+        raise InputError(f"the image {source} recorded for this sample is gone; show needs the original")
     words_HW = [names[r * cols : (r + 1) * cols] for r in range(rows)]
     img = word_grid_image(view, words_HW, cell_px=cell, dim=0.25)
     png = Path(png)

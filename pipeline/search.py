@@ -21,6 +21,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from visalign.config import ConfigError
+
 ScoreSign = Literal["cos", "neg-cos"]
 SCORE_SIGNS = ("cos", "neg-cos")
 
@@ -44,11 +46,11 @@ class WordIndex:
         device: str = "cpu",
     ):
         if score not in SCORE_SIGNS:
-            raise ValueError(f"score {score!r} is not one of {list(SCORE_SIGNS)}")
+            raise ConfigError(f"score {score!r} is not one of {list(SCORE_SIGNS)}")
         if backend not in ("auto", "faiss", "torch"):
-            raise ValueError(f"search backend {backend!r} is not one of ['auto', 'faiss', 'torch']")
+            raise ConfigError(f"search backend {backend!r} is not one of ['auto', 'faiss', 'torch']")
         if backend == "faiss" and not faiss_available():
-            raise ValueError(
+            raise ConfigError(
                 "search backend 'faiss' asked for but faiss is not installed: use 'torch' or 'auto'"
             )
         self.score = score

@@ -23,17 +23,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import tarfile
 from pathlib import Path
 from typing import Any
 
+from visalign.errors import InputError
+from visalign.images import TAR_SEP
+
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-TAR_SEP = "::"
-
-
-class InputError(ValueError):
-    """An input path that cannot be used at all (fails the run before any work)."""
 
 
 def detect_kind(path: Path) -> str:
@@ -192,29 +189,3 @@ def listing_digest(items: list[dict[str, Any]]) -> str:
         h.update(json.dumps([item["id"], item["source"], item.get("reject", "")]).encode())
         h.update(b"\n")
     return h.hexdigest()
-
-
-_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
-
-
-def sample_key(ident: str) -> str:
-    """A tar-safe ``__key__`` for an id: no dots (WebDataset splits keys at the first dot) and no slashes.
-
-    Ids that needed changing (or are long) get 8 hex chars of their sha1 appended, so two ids that map to
-    the same safe text ("a.b", "a_b") still get distinct keys. The id itself is kept verbatim in the json.
-    """
-    safe = _UNSAFE.sub("_", ident)
-    if safe == ident and len(ident) <= 120 and ident:
-        return ident
-    return f"{safe[:100]}_{hashlib.sha1(ident.encode('utf-8')).hexdigest()[:8]}"
-
-
-def read_tar_members(tar_path: str, names: set[str]) -> dict[str, bytes]:
-    """Bytes of the named members of one tar, in a single pass."""
-    out: dict[str, bytes] = {}
-    with tarfile.open(tar_path, "r") as tar:
-        for member in tar:
-            if member.name in names and member.isfile():
-                f = tar.extractfile(member)
-                out[member.name] = f.read() if f else b""
-    return out

@@ -22,10 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
+from visalign.errors import VisalignError
+from visalign.shards import wordlist_sha256
+
 DEFAULT_WORDLIST_NAME = "english-41k.txt"
 
 
-class WordlistError(ValueError):
+class WordlistError(VisalignError):
     """A word list that cannot be used (missing, empty, not UTF-8)."""
 
 
@@ -78,27 +81,6 @@ def load_wordlist(path: str | Path | None = None, lowercase: bool = True) -> lis
     if not words:
         raise WordlistError(f"word list {path} holds no words after normalisation (blank or empty file)")
     return words
-
-
-def wordlist_text(words: list[str]) -> str:
-    """The exact bytes (as text) of ``OUT/wordlist.txt``: one word per line, trailing newline."""
-    for w in words:
-        if "\n" in w or "\r" in w:
-            raise WordlistError(f"word {w!r} contains a newline; normalise the list first")
-    return "".join(w + "\n" for w in words)
-
-
-def wordlist_sha256(words: list[str]) -> str:
-    """sha256 of the normalised list as written to ``OUT/wordlist.txt``."""
-    return hashlib.sha256(wordlist_text(words).encode("utf-8")).hexdigest()
-
-
-def write_wordlist(words: list[str], path: str | Path) -> Path:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(wordlist_text(words), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
 
 
 def embedding_cache_key(

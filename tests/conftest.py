@@ -102,22 +102,18 @@ def write_tiny_shards(
     fingerprint: str = "enc-fp",
     words=None,
 ) -> Path:
-    """Synthetic label shards through ``pipeline.shards`` only (no encoder, no Dask): random features, labels,
-    alternating caption / conversation samples. Deterministic in its arguments."""
-    import io
-    import tarfile
-
-    from pipeline import shards as S
+    """Synthetic label shards through the contract's one writer (no encoder, no Dask): random features,
+    labels, alternating caption / conversation samples. Deterministic in its arguments."""
+    from visalign import shards as S
 
     rng = np.random.default_rng(0)
     root.mkdir(parents=True, exist_ok=True)
     words = words or [f"word{i}" for i in range(20)]
-    (root / S.WORDLIST).write_text("".join(w + "\n" for w in words))
+    S.write_wordlist(words, root / S.WORDLIST)
     infos = []
     for first in range(0, num_samples, samples_per_shard):
-        name = S.SHARD_PATTERN.format(len(infos))
         ids = range(first, min(first + samples_per_shard, num_samples))
-        with tarfile.open(root / name, "w") as tar:
+        with S.ShardWriter(root, len(infos)) as writer:
             for i in ids:
                 scores = -np.sort(-rng.random((P, K)), axis=1).astype(np.float16)
                 meta = {"id": f"s{i:04d}", "source": "synthetic", "orig_size": [32, 32]}
@@ -128,17 +124,13 @@ def write_tiny_shards(
                         {"from": "human", "value": "<image>\nWhat is this?"},
                         {"from": "gpt", "value": f"It shows word{i % 20}."},
                     ]
-                members = {
-                    S.FEAT: S.encode_npy(rng.standard_normal((P, D)).astype(np.float16)),
-                    S.LABELS: S.encode_npy(rng.integers(0, len(words), (P, K)).astype(np.int32)),
-                    S.SCORES: S.encode_npy(scores),
-                    S.META: json.dumps(meta).encode(),
-                }
-                for ext, data in members.items():
-                    info = tarfile.TarInfo(f"s{i:04d}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-        infos.append(S.ShardInfo(name=name, num_samples=len(ids), sha256=S.sha256_file(root / name)))
+                feat = rng.standard_normal((P, D)).astype(np.float16)
+                labels = rng.integers(0, len(words), (P, K)).astype(np.int32)
+                writer.write(f"s{i:04d}", feat, labels, scores, meta)
+            stats = writer.close()
+        infos.append(
+            S.ShardInfo(name=stats["name"], num_samples=stats["num_samples"], sha256=stats["sha256"])
+        )
     side = int(round(P**0.5))
     manifest = S.Manifest(
         encoder=S.EncoderInfo(

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, build_parser, field_docs, parse, resolve, write_resolved
-from pipeline.registry import Registry, UnknownNameError
+from visalign.config import ConfigError, build_parser, field_docs, parse, resolve, write_resolved
+from visalign.registry import Registry, UnknownNameError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,11 +90,11 @@ def _preset_kinds():
 def test_every_preset_parses(preset):
     """A preset names its config class with a leading ``label-`` / ``pretrain-`` / ``finetune-`` / ``demo-``
     prefix convention; each must load into that class without unknown keys or bad types."""
-    from pipeline.config import load_yaml
+    from visalign.config import load_yaml
 
     data = load_yaml(preset)
     if preset.name.startswith("label"):
-        from pipeline.label import LabelConfig as cls
+        from pipeline.config import LabelConfig as cls
     else:
         from trainer.config import TrainConfig as cls
     required = {

@@ -7,8 +7,9 @@ import collections
 
 import pytest
 
-from pipeline.shards import iter_tar, read_manifest
 from trainer.data.shards import ShardStream, StreamLayout, iter_raw, make_loader, split_range
+from visalign.config import ConfigError
+from visalign.shards import iter_tar, read_manifest
 
 
 def all_ids(root):
@@ -37,7 +38,7 @@ def test_split_range_partitions_at_sample_granularity():
             assert covered == list(range(num_samples))  # disjoint, complete, in order
             sizes = [b - a for a, b in ranges]
             assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
-    with pytest.raises(ValueError, match="lower --num-workers"):
+    with pytest.raises(ConfigError, match="lower --num-workers"):
         split_range(3, 4, 0)
 
 

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.encoders import ENCODERS, load_encoder
-from pipeline.registry import UnknownNameError
+from pipeline.encoders import ENCODERS, EncoderError, load_encoder
+from visalign.registry import UnknownNameError
 
 TOWERS = [
     ("tiny-clip", "hf"),
@@ -124,7 +124,7 @@ def test_feats_equal_backend_hidden_states(encoders, pixels, name, backend, feat
 
 def test_bad_feature_layer_and_pixels_are_clear_errors(encoders, pixels):
     encoder = encoders[("tiny-clip", "hf")]
-    with pytest.raises(ValueError, match="feature_layer=7"):
+    with pytest.raises(EncoderError, match="feature_layer=7"):
         encoder(pixels[("tiny-clip", "hf")], feature_layer=7)
     with pytest.raises(ValueError, match="preprocess"):
         encoder(torch.zeros(2, 3, 32, 32))
@@ -235,7 +235,7 @@ def test_hf_text_matches_model_text_features(encoders):
 
 
 def test_siglip_refuses_text_context(cache_dir):
-    with pytest.raises(ValueError, match="SigLIP"):
+    with pytest.raises(EncoderError, match="SigLIP"):
         load_encoder("tiny-siglip", cache_dir=cache_dir, text_context=16)
 
 
@@ -289,7 +289,7 @@ def test_fingerprint_changes_with_a_weight(encoders, cache_dir):
 def test_info_has_exactly_the_manifest_fields(encoders):
     import dataclasses
 
-    from pipeline.shards import EncoderInfo
+    from visalign.shards import EncoderInfo
 
     encoder = encoders[("tiny-siglip", "open_clip")]
     info = encoder.info(feature_layer=-2)
@@ -309,13 +309,13 @@ def test_unknown_name_lists_valid_names(cache_dir):
 
 
 def test_bad_backend_and_options_are_clear_errors(cache_dir):
-    with pytest.raises(ValueError, match="backend 'timm'"):
+    with pytest.raises(EncoderError, match="backend 'timm'"):
         load_encoder("tiny-clip", backend="timm", cache_dir=cache_dir)
-    with pytest.raises(ValueError, match="backend 'open_clip'"):
+    with pytest.raises(EncoderError, match="backend 'open_clip'"):
         load_encoder("random-vit-b16", backend="open_clip", cache_dir=cache_dir)
-    with pytest.raises(ValueError, match="valid options"):
+    with pytest.raises(EncoderError, match="valid options"):
         load_encoder("tiny-clip", cache_dir=cache_dir, layers=3)
-    with pytest.raises(ValueError, match="CLIP towers"):
+    with pytest.raises(EncoderError, match="CLIP towers"):
         load_encoder("tiny-siglip", cache_dir=cache_dir, dense="maskclip")
 
 
@@ -363,11 +363,11 @@ def test_real_tower_without_weights_names_the_fix(monkeypatch, tmp_path):
 
     monkeypatch.setattr(hf, "HFVisionEncoder", offline)
     monkeypatch.setattr(oc, "OpenCLIPVisionEncoder", no_download)
-    with pytest.raises(FileNotFoundError, match="openai/clip-vit-large-patch14-336.*--encoder_path"):
+    with pytest.raises(EncoderError, match="openai/clip-vit-large-patch14-336.*--encoder_path"):
         load_encoder("clip")
-    with pytest.raises(FileNotFoundError, match="ViT-SO400M-14-SigLIP-384.*--encoder_path"):
+    with pytest.raises(EncoderError, match="ViT-SO400M-14-SigLIP-384.*--encoder_path"):
         load_encoder("siglip", backend="open_clip")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(EncoderError, match="does not exist"):
         load_encoder("clip", path=str(tmp_path / "nowhere"))
 
     def corrupt(*args, **kwargs):
@@ -387,44 +387,6 @@ def test_local_folder_as_name(encoders, pixels):
         _forward(by_path, pixels[("tiny-siglip", "hf")]).joint_BPE,
         _forward(known, pixels[("tiny-siglip", "hf")]).joint_BPE,
     )
-
-
-def test_openclip_backend_cannot_export(encoders):
-    with pytest.raises(ValueError, match="hf backend"):
-        encoders[("tiny-clip", "open_clip")].hf_llava_vision()
-
-
-@pytest.mark.parametrize("name,strategy", [("tiny-clip", "default"), ("tiny-siglip", "full")])
-def test_hf_llava_vision_loads_into_llava(encoders, pixels, photos, name, strategy):
-    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    encoder = encoders[(name, "hf")]
-    vision_config, state, processor = encoder.hf_llava_vision()
-    text_config = LlamaConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
-    )
-    config = LlavaConfig(
-        vision_config=vision_config,
-        text_config=text_config,
-        image_token_id=127,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy=strategy,
-    )
-    torch.manual_seed(0)
-    llava = LlavaForConditionalGeneration(config).eval()
-    missing, unexpected = llava.load_state_dict(state, strict=False)
-    assert not unexpected
-    assert not [k for k in missing if "vision_tower" in k]
-    assert len(state) == len(llava.model.vision_tower.state_dict())
-    pix = pixels[(name, "hf")]
-    with torch.no_grad():
-        image_features = llava.model.get_image_features(pixel_values=pix).pooler_output
-        expected = llava.model.multi_modal_projector(_forward(encoder, pix).feats_BPD)
-    torch.testing.assert_close(torch.stack(list(image_features)), expected, rtol=1e-5, atol=1e-5)
-    # the returned processor prepares images the way our preprocess does
-    photo = photos[1]
-    processed = torch.as_tensor(processor(photo, return_tensors="pt")["pixel_values"][0])
-    assert (processed - encoder.preprocess(photo)).abs().mean() < 0.05
 
 
 # ------------------------------------------------------------ 7. maskclip

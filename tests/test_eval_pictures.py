@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import pictures as words_on_cells
 from trainer.evaluate import pictures as pic
+from visalign import pictures as words_on_cells
 
 
 def _quadrants(size=64) -> Image.Image:

@@ -21,9 +21,10 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import shards as S
-from pipeline.label import LabelConfig, label_shard
-from pipeline.run import SettingsMismatchError, run_label
+from pipeline.config import LabelConfig
+from pipeline.driver import SettingsMismatchError, run_label
+from pipeline.task import label_shard
+from visalign import shards as S
 
 # 200 common concrete words: small enough that the tiny text tower embeds them in well under a second
 WORDS = (
@@ -413,7 +414,7 @@ def test_folder_input_with_captions(tmp_path, photo_dataset, words_file, cache_d
 def test_worker_device_spreads_local_workers_over_gpus(monkeypatch):
     import distributed
 
-    from pipeline.label import worker_device
+    from pipeline.task import worker_device
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     assert worker_device("cuda") == "cuda", "outside a Dask worker nothing changes"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.images import RejectError, load_image, to_rgb
+from visalign.images import RejectError, load_image, to_rgb
 
 
 def _png_bytes(img: Image.Image) -> bytes:

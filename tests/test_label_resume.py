@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import shards as S
-from pipeline.label import LabelConfig
-from pipeline.run import run_label
+from pipeline.config import LabelConfig
+from pipeline.driver import run_label
+from visalign import shards as S
 
 REPO = Path(__file__).resolve().parent.parent
 WORDS = (

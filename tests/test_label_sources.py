@@ -8,7 +8,8 @@ import tarfile
 
 import pytest
 
-from pipeline.sources import InputError, list_inputs, listing_digest, partition, sample_key
+from pipeline.sources import InputError, list_inputs, listing_digest, partition
+from visalign.shards import sample_key
 
 
 def _tar(path, members: dict[str, bytes]):

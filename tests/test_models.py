@@ -22,6 +22,7 @@ from trainer.models.llm import IMAGE_TOKEN, LLMS, build_tiny_llm, load_llm, reso
 from trainer.models.projector import PROJECTORS, build_projector
 from trainer.models.vlm import VisualLM, apply_stage
 from trainer.objectives.base import Needs
+from visalign.config import ConfigError
 
 NUM_VISUAL = 4
 FEAT_DIM = 12
@@ -145,7 +146,7 @@ def test_resolve_llm_paths_and_errors(tiny, cache_dir, monkeypatch):
     assert folder == str(cache_dir / "llms" / "tiny-llm")
     assert resolve_llm(folder) == folder  # an existing folder is itself
     assert resolve_llm("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"  # hub id passes through
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(ConfigError, match="does not exist"):
         resolve_llm("./no/such/llm")
     assert set(LLMS) >= {"tiny-llm", "smollm2-135m"}
 
@@ -341,7 +342,7 @@ def test_apply_stage_trains_only_what_it_says(cache_dir, stage):
 
 
 def test_apply_stage_unknown_name(tiny):
-    with pytest.raises(ValueError, match="valid stages: pretrain, finetune"):
+    with pytest.raises(ConfigError, match="valid stages: pretrain, finetune"):
         apply_stage(VisualLM(tiny[0], make_projector(tiny[0])), "warmup")
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.objectives.base import ObjectiveContext
+from trainer.objectives.base import ObjectiveContext, StepContext
 from trainer.objectives.sea import (
     SeaConfig,
     SeaObjective,
@@ -20,7 +20,6 @@ from trainer.objectives.sea import (
     sample_labels,
     sample_pairs,
     select_one_per_window,
-    step_generator,
     tokenize_words,
     window_ids,
     word_targets,
@@ -93,7 +92,7 @@ def test_sample_pairs_invariants_and_reproducibility():
     labels[:, :, 2] = -1
     labels[0, :5] = -1  # patches without any kept label
     scores = torch.rand(4, 16, 3, generator=gen)
-    b, p, w = sample_pairs(labels, scores, (4, 4), 2, step_generator(0, 7, 0))
+    b, p, w = sample_pairs(labels, scores, (4, 4), 2, StepContext(step=7).generator("sea"))
     assert len(set(w.tolist())) == len(w) > 1  # no word twice in the batch
     assert not ((b == 0) & (p < 5)).any()  # never a patch without kept labels
     win = window_ids((4, 4), 2)
@@ -101,11 +100,11 @@ def test_sample_pairs_invariants_and_reproducibility():
     assert len(pairs) == len(set(pairs))  # at most one patch per window
     for bi, pi, wi in zip(b.tolist(), p.tolist(), w.tolist()):
         assert wi in labels[bi, pi, :2].tolist()
-    again = sample_pairs(labels, scores, (4, 4), 2, step_generator(0, 7, 0))
+    again = sample_pairs(labels, scores, (4, 4), 2, StepContext(step=7).generator("sea"))
     assert all(torch.equal(x, y) for x, y in zip((b, p, w), again))
     # another step or another rank draws differently (compared as (sample, patch, word) sets)
     first = set(zip(b.tolist(), p.tolist(), w.tolist()))
-    for gen in (step_generator(0, 8, 0), step_generator(0, 7, 1)):
+    for gen in (StepContext(step=8).generator("sea"), StepContext(step=7, rank=1).generator("sea")):
         assert set(zip(*(t.tolist() for t in sample_pairs(labels, scores, (4, 4), 2, gen)))) != first
 
 
@@ -180,14 +179,23 @@ def test_sea_objective_forward_reports_and_trains_scale(tmp_path):
     }
     v = torch.randn(3, 16, 4, requires_grad=True)
     out = types.SimpleNamespace(visual_BPd=v, embed_Nd=torch.randn(7, 4))
-    losses, report = obj(batch, out)
+    losses, report = obj(batch, out, StepContext(step=0))
     assert set(losses) == {"sea_loss"} and torch.isfinite(losses["sea_loss"])
     assert 2 <= report["sea/pairs"] <= 5 and report["sea/temperature"] == pytest.approx(0.07, rel=1e-5)
     assert 0.0 <= report["sea/pair_acc"] <= 1.0
     losses["sea_loss"].backward()
     assert v.grad.abs().sum() > 0 and obj.logit_scale.grad is not None
-    assert int(obj.step_counter) == 1  # no batch["step"]: the saved counter drives the generator
-    # the same step gives the same draws (exact resume)
-    assert all(
-        torch.equal(x, y) for x, y in zip(obj.draw({**batch, "step": 3}), obj.draw({**batch, "step": 3}))
-    )
+    # the same step gives the same draws (exact resume); another run seed, micro-step or step does not
+    step = StepContext(step=3, seed=5)
+    first = obj.draw(batch, step)
+    assert all(torch.equal(x, y) for x, y in zip(first, obj.draw(batch, step)))
+
+    def as_set(draw):
+        return set(zip(*(t.tolist() for t in draw)))
+
+    for other in (
+        StepContext(step=3, seed=6),
+        StepContext(step=3, seed=5, micro_step=1),
+        StepContext(step=4, seed=5),
+    ):
+        assert as_set(obj.draw(batch, other)) != as_set(first)

@@ -22,6 +22,7 @@ from trainer.objectives import (
     parse_spec,
     union_needs,
 )
+from trainer.objectives.base import StepContext
 
 WORDS = ["cat", "dog", "red", "sky", "car", "tree", "flower", "coffee", "rocket", "white", "blue", "boat"]
 GRID, FEAT_DIM, EXPERT_DIM = (4, 4), 16, 12
@@ -85,7 +86,6 @@ def make_batch(tokenizer, num_batch=2, seed=0):
         "scores_BPK": scores_BPK,
         "experts": {"dino.v2": torch.randn(num_batch, 4, EXPERT_DIM, generator=gen)},
         "num_target_tokens": int((labels_BT[:, 1:] != -100).sum()),
-        "step": 0,
     }
 
 
@@ -111,7 +111,7 @@ def train(model, objectives, weights, optim, batch, num_steps, only=None):
         out = model(batch, needs)
         total = 0.0
         for obj in objectives.values():
-            losses, report = obj(batch, out)
+            losses, report = obj(batch, out, StepContext())  # a fixed step: SEA draws the same pairs
             for key, loss in losses.items():
                 assert torch.isfinite(loss), (key, loss)
                 history.setdefault(key, []).append(float(loss.detach()))
@@ -158,7 +158,7 @@ def test_distill_gradients_reach_projector_and_reverse_projectors(setup):
     model, objectives, weights, _ = build(setup, "distill")
     batch = make_batch(setup[1])
     out = model(batch, union_needs(objectives))
-    losses, report = objectives["distill"](batch, out)
+    losses, report = objectives["distill"](batch, out, StepContext())
     assert set(report) == {"distill/cos_encoder", "distill/cos_dino.v2"}
     losses["distill_loss"].backward()
     for name, param in list(model.projector.named_parameters()) + list(objectives.named_parameters()):

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import shards as S
 from pipeline.cli import main
 from pipeline.inspect import label_stats
+from visalign import shards as S
 
 WORDS = (
     "cat dog car tree house sky cloud sun flower grass water boat bird fish horse cup spoon "

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.search import WordIndex, faiss_available
+from visalign.config import ConfigError
 
 
 def _unit(x):
@@ -68,7 +69,7 @@ def test_faiss_equals_torch():
 
 def test_bad_arguments():
     w = np.eye(3, dtype=np.float32)
-    with pytest.raises(ValueError, match="score"):
+    with pytest.raises(ConfigError, match="score"):
         WordIndex(w, score="dot")
-    with pytest.raises(ValueError, match="backend"):
+    with pytest.raises(ConfigError, match="backend"):
         WordIndex(w, backend="annoy")

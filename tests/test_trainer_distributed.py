@@ -13,8 +13,8 @@ import sys
 
 import pytest
 
-from pipeline.shards import iter_tar, read_manifest
 from trainer import checkpoint as ckpt_io
+from visalign.shards import iter_tar, read_manifest
 
 pytestmark = pytest.mark.slow
 

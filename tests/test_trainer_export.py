@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.shards import EncoderInfo, read_manifest, write_manifest
 from trainer import checkpoint as ckpt_io
 from trainer.cli import main
+from visalign.shards import EncoderInfo, read_manifest, write_manifest
 
 BASE = [
     "--llm",
@@ -50,19 +50,11 @@ def trained_run(tmp_path, shards, *extra):
     return run
 
 
-def our_model(run, cache_dir):
-    from trainer.export import load_trained_llm
-    from trainer.models.projector import build_projector
-    from trainer.models.vlm import VisualLM
+def our_model(run):
+    from trainer.models.build import load_trained
 
-    ckpt = ckpt_io.resolve_checkpoint(run)
-    state, tensors = ckpt_io.read_state(ckpt), ckpt_io.load_tensors(ckpt)
-    llm, tok = load_trained_llm(state, tensors, None)
-    projector = build_projector(state["projector"], state["feature_dim"], llm.config.hidden_size)
-    projector.load_state_dict(
-        {k[len("projector.") :]: v for k, v in tensors.items() if k.startswith("projector.")}
-    )
-    return VisualLM(llm, projector).eval(), tok
+    loaded = load_trained(run, with_objectives=False)
+    return loaded.vlm, loaded.tokenizer
 
 
 def test_exported_llava_logits_equal_ours(tiny_shards, encoder, tmp_path, cache_dir):
@@ -74,7 +66,7 @@ def test_exported_llava_logits_equal_ours(tiny_shards, encoder, tmp_path, cache_
     assert main(["export", str(run), "--format", "hf-llava", "--out", str(out)]) == 0
     hf = LlavaForConditionalGeneration.from_pretrained(out).eval()
     processor = AutoProcessor.from_pretrained(out)
-    ours, tok = our_model(run, cache_dir)
+    ours, tok = our_model(run)
     num_patches = encoder.num_patches
     image_id = hf.config.image_token_index
     assert tok.convert_tokens_to_ids("<image>") == image_id
@@ -116,21 +108,63 @@ def test_exported_llava_logits_equal_ours(tiny_shards, encoder, tmp_path, cache_
 
 def test_export_refuses_what_hf_llava_cannot_hold(tiny_shards, encoder, tmp_path, capsys):
     run = trained_run(tmp_path, clip_shards(tiny_shards, encoder), "--projector", "linear")
-    with pytest.raises(SystemExit) as err:
-        main(["export", str(run), "--out", str(tmp_path / "hf")])
-    assert err.value.code == 2 and "projector 'linear' has no HF LLaVA equivalent" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["export", str(run), "--out", str(tmp_path / "hf"), "--checkpoint", "7"])
+    assert main(["export", str(run), "--out", str(tmp_path / "hf")]) == 3
+    assert "projector 'linear' has no HF LLaVA equivalent" in capsys.readouterr().err
+    assert main(["export", str(run), "--out", str(tmp_path / "hf"), "--checkpoint", "7"]) == 3
     assert "no complete checkpoint for step 7 (it has: step-000001)" in capsys.readouterr().err
 
-    state_path = ckpt_io.resolve_checkpoint(run) / ckpt_io.STATE
-    state = json.loads(state_path.read_text())
-    state["projector"] = "mlp2x_gelu"
-    state["manifest"]["encoder"]["backend"] = "open_clip"
-    state_path.write_text(json.dumps(state))
-    with pytest.raises(SystemExit):
-        main(["export", str(run), "--out", str(tmp_path / "hf")])
-    assert "relabel with --backend hf" in capsys.readouterr().err
+
+def test_tower_is_the_one_that_labelled_the_shards(encoder, tmp_path):
+    """The export's tower is reloaded with transformers alone and checked against the manifest."""
+    import dataclasses
+
+    from trainer.models.vision import TowerError, load_tower
+    from visalign.shards import EncoderInfo
+
+    info = EncoderInfo(**encoder.info(-2))
+    model, model_type, path = load_tower(info)
+    assert model_type == "clip" and path == encoder.path
+    with pytest.raises(TowerError, match="relabel with --backend hf"):
+        load_tower(dataclasses.replace(info, backend="open_clip"))
+    with pytest.raises(TowerError, match="fingerprint"):
+        load_tower(dataclasses.replace(info, fingerprint="0" * 64))
+    with pytest.raises(TowerError, match="not an HF CLIP or SigLIP"):
+        load_tower(info, path=str(tmp_path))
+
+
+@pytest.mark.parametrize("name,strategy", [("tiny-clip", "default"), ("tiny-siglip", "full")])
+def test_llava_vision_state_loads_into_llava(cache_dir, name, strategy):
+    """The tower's weights land on LlavaForConditionalGeneration's vision keys; its image features equal our
+    encoder's LLaVA features through the same projector."""
+    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from pipeline.encoders import load_encoder
+    from trainer.models.vision import llava_vision_state, load_tower
+    from visalign.shards import EncoderInfo
+
+    ours = load_encoder(name, backend="hf")
+    tower, _, _ = load_tower(EncoderInfo(**ours.info(-2)))
+    vision_config, state = llava_vision_state(tower)
+    text_config = LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
+    )
+    config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_id=127,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy=strategy,
+    )
+    torch.manual_seed(0)
+    llava = LlavaForConditionalGeneration(config).eval()
+    missing, unexpected = llava.load_state_dict(state, strict=False)
+    assert not unexpected and not [k for k in missing if "vision_tower" in k]
+    assert len(state) == len(llava.model.vision_tower.state_dict())
+    pixels = torch.randn(2, 3, ours.image_size, ours.image_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        image_features = llava.model.get_image_features(pixel_values=pixels).pooler_output
+        expected = llava.model.multi_modal_projector(ours(pixels, feature_layer=-2).feats_BPD)
+    torch.testing.assert_close(torch.stack(list(image_features)), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_reverse_projectors_are_checkpointed_not_exported(tiny_shards, encoder, tmp_path):

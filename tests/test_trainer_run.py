@@ -14,13 +14,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.config import parse, resolve
-from pipeline.shards import ShardFormatError, read_manifest
 from trainer import checkpoint as ckpt_io
 from trainer.cli import main
 from trainer.config import TrainConfig
 from trainer.objectives import parse_spec
 from trainer.train import Trainer
+from visalign.config import parse, resolve
+from visalign.shards import ShardFormatError, read_manifest
 
 BASE = [
     "--llm",
@@ -35,12 +35,9 @@ BASE = [
 
 
 def config(shards, run, *extra) -> TrainConfig:
-    from pipeline.config import resolve
-    from trainer.cli import _run_parser
+    from trainer.cli import parse_run_args
 
-    return resolve(
-        TrainConfig, _run_parser().parse_args(["--shards", str(shards), "--output", str(run), *BASE, *extra])
-    )
+    return parse_run_args(["--shards", str(shards), "--output", str(run), *BASE, *extra])
 
 
 def read_log(run):
@@ -123,39 +120,36 @@ def test_grad_accum_matches_one_big_batch(shards, tmp_path):
 def test_refusals_are_one_clear_line(shards, tiny_shards, tmp_path, capsys):
     run = tmp_path / "r"
     common = ["run", "--shards", str(shards), *BASE, "--max-steps", "1", "--output", str(run)]
-    with pytest.raises(SystemExit) as err:
-        main([*common, "--resume"])
-    assert err.value.code == 2 and "has no complete checkpoint" in capsys.readouterr().err
+    assert main([*common, "--resume"]) == 3
+    assert "has no complete checkpoint" in capsys.readouterr().err
     assert main(common) == 0
     written = (run / "config.yaml").read_text()
     assert resolve(TrainConfig, {"config": str(run / "config.yaml")}).output == str(run)
-    with pytest.raises(SystemExit):
-        main([*common, "--lr", "0.5"])  # a second fresh start into the same run folder
+    assert main([*common, "--lr", "0.5"]) == 3  # a second fresh start into the same run folder
     assert "pass --resume" in capsys.readouterr().err
     assert (run / "config.yaml").read_text() == written  # the refused start left the run's config alone
 
     other = tiny_shards(num_samples=8, samples_per_shard=3, fingerprint="another-encoder")
-    with pytest.raises(SystemExit):
-        main([*common[:2], str(other), *common[3:], "--resume"])
+    assert main([*common[:2], str(other), *common[3:], "--resume"]) == 3
     msg = capsys.readouterr().err
     assert "encoder fingerprint enc-fp" in msg and "another-encoder" in msg
 
     other_words = tiny_shards(num_samples=8, samples_per_shard=3, words=[f"other{i}" for i in range(20)])
-    with pytest.raises(SystemExit):
-        main([*common[:2], str(other_words), *common[3:], "--resume"])
+    assert main([*common[:2], str(other_words), *common[3:], "--resume"]) == 3
     msg = capsys.readouterr().err
     assert "word list sha256" in msg and read_manifest(other_words).wordlist.sha256 in msg
 
     wider = tiny_shards(num_samples=8, samples_per_shard=3, D=48)
     finetune = ["run", "--shards", str(wider), *BASE, "--stage", "finetune", "--output", str(tmp_path / "ft")]
-    with pytest.raises(SystemExit):
-        main([*finetune, "--init-projector", str(run)])
+    assert main([*finetune, "--init-projector", str(run)]) == 3
     msg = capsys.readouterr().err
     errors = [line for line in msg.splitlines() if "error:" in line]
     assert len(errors) == 1 and "feature width 32" in errors[0] and "feature width 48" in errors[0]
 
-    with pytest.raises(SystemExit):
+    assert (
         main(["run", "--shards", str(shards), "--output", str(tmp_path / "x"), "--llm", "no-such-llm-xyz"])
+        == 3
+    )
     assert "no-such-llm-xyz" in capsys.readouterr().err
 
 
@@ -185,26 +179,23 @@ def test_finetune_starts_from_the_stage1_projector(shards, tmp_path):
     )
 
 
-def test_trainer_imports_no_dask_or_faiss(shards, tmp_path, cache_dir):
-    """--help and a one-step run (all objectives) in a fresh interpreter load no Dask, FAISS, open_clip."""
-    run = ["run", "--shards", str(shards), *BASE, "--max-steps", "1", "--objective", "sea+basic+distill"]
+def test_trainer_imports_no_dask_or_faiss(cache_dir):
+    """Every module of ``trainer`` and ``visalign``, imported in a fresh interpreter, loads no Dask, FAISS or
+    open_clip (third-party imports at module level; ``test_layout.py`` checks our own import statements)."""
     code = (
-        "import sys, contextlib, io\n"
-        "import trainer.cli, trainer.export\n"
-        "with contextlib.redirect_stdout(io.StringIO()):\n"
-        "    try:\n"
-        "        trainer.cli.main(['run', '--help'])\n"
-        "    except SystemExit:\n"
-        "        pass\n"
-        f"assert trainer.cli.main({[*run, '--output', str(tmp_path / 'r')]!r}) == 0\n"
-        "heavy = ('dask', 'distributed', 'faiss', 'open_clip')\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
+        "import importlib, pkgutil, sys\n"
+        "import trainer, visalign\n"
+        "for pkg in (trainer, visalign):\n"
+        "    for info in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + '.'):\n"
+        "        importlib.import_module(info.name)\n"
+        "heavy = ('dask', 'distributed', 'faiss', 'open_clip', 'pipeline')\n"
+        "print(len(sys.modules), sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
     )
     env = {**os.environ, "VISALIGN_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == "[]"
-    assert (tmp_path / "r" / "checkpoints" / "step-000001").is_dir()
+    num_modules, heavy = out.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert heavy == "[]" and int(num_modules) > 500  # the trainer's modules (and torch) were really imported
 
 
 def test_every_documented_flag_reaches_the_config(tmp_path):
@@ -231,8 +222,7 @@ def test_cli_lists_commands_and_rejects_unknown(capsys):
     out = capsys.readouterr().out
     assert "run" in out and "export" in out
     assert main(["trian"]) == 2 and "unknown command 'trian'" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["run", "--help"])
+    assert main(["run", "--help"]) == 0
     help_text = capsys.readouterr().out
     assert "--optim.lr" in help_text and "--max-steps" in help_text and "peak learning rate" in help_text
 
@@ -262,7 +252,7 @@ def test_training_presets_follow_the_paper_settings(preset):
 def test_periodic_heldout_eval_equals_trainer_eval(shards, tiny_shards, tmp_path):
     """--eval.every logs the `trainer eval` measures of the held-out samples at that step: the record of the
     last step equals a separate `trainer eval` of the final checkpoint on the same samples."""
-    from trainer.evaluate.runner import EvalConfig, run_eval
+    from trainer.evaluate.report import EvalConfig, run_eval
 
     heldout = tiny_shards(num_samples=5, samples_per_shard=2)  # same fingerprint and words, other samples
     run = tmp_path / "run"
@@ -274,14 +264,15 @@ def test_periodic_heldout_eval_equals_trainer_eval(shards, tiny_shards, tmp_path
     assert records[0] != records[1]  # the projector moved between the two evaluations
     last = records[-1]
     assert {"eval/hit@1/l0", "eval/meaningful_share/l2", "eval/consistency/l0"} <= set(last)
-    assert "eval/reverse_cos/encoder" in last and not any(k.endswith("/l1") for k in last)
+    assert "eval/distill/reverse_cos/encoder" in last and not any(k.endswith("/l1") for k in last)
 
     cfg = EvalConfig(run=str(run), shards=str(heldout), out=str(tmp_path / "ev"), samples=3, pictures=0)
     payload = run_eval(dataclasses.replace(cfg, device="cpu"))
     for layer in (0, 2):
         for name, value in payload["per_layer"][layer].items():
             assert last[f"eval/{name}/l{layer}"] == pytest.approx(value, abs=1e-6), (name, layer)
-    assert last["eval/reverse_cos/encoder"] == pytest.approx(payload["reverse_cosine"]["encoder"], abs=1e-6)
+    name = "distill/reverse_cos/encoder"
+    assert last[f"eval/{name}"] == pytest.approx(payload["objectives"][name], abs=1e-6)
 
 
 def test_heldout_shards_from_another_encoder_are_refused(shards, tiny_shards, tmp_path):

@@ -13,9 +13,8 @@ from pipeline.wordlist import (
     compute_word_embeddings,
     default_wordlist_path,
     load_wordlist,
-    wordlist_sha256,
-    write_wordlist,
 )
+from visalign.shards import wordlist_sha256, write_wordlist
 
 
 def test_normalisation_rules(tmp_path):

@@ -1,7 +1,10 @@
-"""visalign.trainer: the streaming half.
+"""trainer: the streaming half.
 
 label shards -> projector + LLM -> objectives (``lm``, ``sea``, ``basic``, ``distill`` and sums of them) ->
-checkpoints -> HF LLaVA export -> alignment evaluation. Never imports Dask or FAISS.
+checkpoints -> HF LLaVA export -> alignment evaluation. Imports ``visalign`` (the shared core), never
+``pipeline``, Dask or FAISS.
 """
 
-__version__ = "0.1.0"
+from visalign import __version__
+
+__all__ = ["__version__"]

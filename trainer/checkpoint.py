@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from visalign.errors import VisalignError
+
 CHECKPOINTS = "checkpoints"
 STATE = "trainer_state.json"
 MODEL = "model.safetensors"
@@ -36,7 +38,7 @@ SCHEDULER = "scheduler.pt"
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(VisalignError):
     """A missing, incomplete or incompatible checkpoint."""
 
 

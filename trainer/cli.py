@@ -1,19 +1,27 @@
 """The ``trainer`` console script: one dict of subcommand -> function, each a thin layer over the library.
 
-    trainer run     --objective lm --shards OUT --llm NAME --output RUN [--config jobs/x.yaml] [flags]
-    trainer export  RUN --format hf-llava --out DIR [--checkpoint STEP]
+    trainer run      --objective lm --shards OUT --llm NAME --output RUN [--config jobs/x.yaml] [flags]
+    trainer export   RUN --format hf-llava --out DIR [--checkpoint STEP]
+    trainer eval     RUN --shards OUT --out DIR [--samples N] [--layers 0,8,16]
+    trainer compare  RUN_A RUN_B --shards OUT --out DIR
 
 ``run`` flags are the ``TrainConfig`` fields (``--optim.lr``), plus the short aliases in ``ALIASES``
-(``--lr``). Errors the user can fix print one line (``trainer run: error: ...``) and exit with status 2.
-Imports are lazy so ``trainer --help`` is instant and never loads Dask or FAISS (a test checks).
+(``--lr``); ``eval``/``compare`` flags are the ``EvalConfig`` fields. Errors and exit codes are those of
+``visalign.cli`` (one line and exit 3 for input the user can fix, a traceback and exit 1 for a bug,
+``--debug`` for every traceback). Imports are lazy so ``trainer --help`` is instant and never loads Dask or
+FAISS.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
+
+from visalign.cli import run_command
 
 # short flag -> dotted TrainConfig field (the flags the README and the presets' comments use)
 ALIASES = {
@@ -35,18 +43,9 @@ ALIASES = {
 _BOOL_ALIASES = {"--gradient-checkpointing"}
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean bad input whose message names the input and the fix, not a bug: ``ValueError``
-    covers ConfigError, ShardFormatError, CheckpointError, ConversationError and ExportError;
-    ``UnknownNameError`` (a KeyError) is an unknown registry name."""
-    from pipeline.registry import UnknownNameError
-
-    return (ValueError, UnknownNameError, FileNotFoundError)
-
-
-def _run_parser() -> argparse.ArgumentParser:
-    from pipeline.config import build_parser
+def run_parser() -> argparse.ArgumentParser:
     from trainer.config import TrainConfig
+    from visalign.config import build_parser
 
     parser = argparse.ArgumentParser(
         prog="trainer run",
@@ -59,59 +58,87 @@ def _run_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_run(argv: list[str]) -> int:
-    """``trainer run``: resolve the config, train (RUN/config.yaml is written first)."""
-    from pipeline.config import resolve
+def parse_run_args(argv: list[str]):
+    """``trainer run`` arguments -> a resolved ``TrainConfig`` (defaults < --config preset < flags)."""
     from trainer.config import TrainConfig
+    from visalign.config import resolve
 
-    parser = _run_parser()
-    args = parser.parse_args(argv)
-    try:
-        cfg = resolve(TrainConfig, args)
-        from trainer.train import run
+    return resolve(TrainConfig, run_parser().parse_args(argv))
 
-        run(cfg)  # writes RUN/config.yaml before any work, so every run says how it was made
-    except _user_errors() as err:
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
+
+def cmd_run(argv: list[str]) -> int:
+    """Train the projector (+ LLM) on label shards with the chosen objectives."""
+    from trainer.train import run
+
+    run(parse_run_args(argv))  # writes RUN/config.yaml once the start is accepted
     return 0
 
 
 def cmd_export(argv: list[str]) -> int:
-    """``trainer export``: a run's checkpoint -> a HF LLaVA folder."""
-    parser = argparse.ArgumentParser(
-        prog="trainer export",
-        description="Export a run's checkpoint as a HF LlavaForConditionalGeneration folder.",
-    )
+    """Export a run's checkpoint as a HF LlavaForConditionalGeneration folder."""
+    parser = argparse.ArgumentParser(prog="trainer export", description=(cmd_export.__doc__ or "").strip())
     parser.add_argument("run", help="a run folder (latest checkpoint) or a checkpoint folder")
     parser.add_argument("--format", default="hf-llava", choices=["hf-llava"], help="output format")
     parser.add_argument("--out", required=True, help="output folder (created; must not hold a model already)")
     parser.add_argument(
         "--checkpoint", type=int, default=None, metavar="STEP", help="a step (default: latest)"
     )
-    parser.add_argument("--cache-dir", default=None, help="model cache (default $VISALIGN_CACHE)")
+    parser.add_argument(
+        "--encoder-path",
+        default=None,
+        help="the vision tower's HF folder, when the path the manifest records is not on this machine "
+        "(its fingerprint is checked)",
+    )
     args = parser.parse_args(argv)
-    try:
-        from trainer.export import export_hf_llava
+    from trainer.export import export_hf_llava
 
-        out = export_hf_llava(args.run, args.out, step=args.checkpoint, cache_dir=args.cache_dir)
-    except _user_errors() as err:
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
-    print(out)
+    print(export_hf_llava(args.run, args.out, step=args.checkpoint, encoder_path=args.encoder_path))
     return 0
 
 
-def cmd_eval(argv: list[str]) -> int:
-    """``trainer eval``: alignment measures per layer + word pictures of a run (docs/eval.md)."""
-    from trainer.evaluate.runner import eval_main
+def _eval_parser(prog: str, description: str, num_runs: int | str) -> argparse.ArgumentParser:
+    from trainer.evaluate.report import EvalConfig
+    from visalign.config import build_parser
 
-    return eval_main(argv, _user_errors())
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("_runs", nargs=num_runs, metavar="RUN", help="run folder(s) written by `trainer run`")
+    return build_parser(EvalConfig, parser)
+
+
+def _eval_config(args: argparse.Namespace, run: str | None):
+    from trainer.evaluate.report import EvalConfig
+    from visalign.config import resolve
+
+    given = {k: v for k, v in vars(args).items() if k != "_runs"}
+    if run is not None:
+        given.setdefault("run", run)
+    return resolve(EvalConfig, given)
+
+
+def cmd_eval(argv: list[str]) -> int:
+    """Alignment measures per layer and word pictures of a run (docs/eval.md)."""
+    from trainer.evaluate.report import run_eval
+
+    args = _eval_parser("trainer eval", (cmd_eval.__doc__ or "").strip(), "?").parse_args(argv)
+    if args._runs is None:
+        from visalign.config import ConfigError
+
+        raise ConfigError("give the run to evaluate: trainer eval RUN --shards OUT --out DIR")
+    cfg = _eval_config(args, args._runs)
+    run_eval(cfg)
+    print(Path(cfg.out) / "metrics.json")
+    return 0
 
 
 def cmd_compare(argv: list[str]) -> int:
-    """``trainer compare``: two runs side by side on the same samples (docs/eval.md)."""
-    from trainer.evaluate.runner import compare_main
+    """Two runs side by side on the same samples (docs/eval.md)."""
+    from trainer.evaluate.report import run_compare
 
-    return compare_main(argv, _user_errors())
+    args = _eval_parser("trainer compare", (cmd_compare.__doc__ or "").strip(), 2).parse_args(argv)
+    cfg_a = _eval_config(args, args._runs[0])
+    run_compare(cfg_a, dataclasses.replace(cfg_a, run=args._runs[1]))
+    print(Path(cfg_a.out) / "metrics.md")
+    return 0
 
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
@@ -123,23 +150,8 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        lines = [f"  {name:<8} {(fn.__doc__ or '').strip().splitlines()[0]}" for name, fn in COMMANDS.items()]
-        text = (
-            "usage: trainer {"
-            + ",".join(COMMANDS)
-            + "} [--help] ...\n\ncommands:\n"
-            + "\n".join(lines)
-            + "\n"
-        )
-        if argv and argv[0] not in ("-h", "--help"):
-            sys.stderr.write(text + f"trainer: error: unknown command {argv[0]!r}\n")
-            return 2
-        sys.stdout.write(text)
-        return 0 if argv else 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return COMMANDS[argv[0]](argv[1:])
+    return run_command("trainer", COMMANDS, argv)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""``TrainConfig``: every setting of ``trainer run``, as nested dataclasses parsed by ``pipeline.config``.
+"""``TrainConfig``: every setting of ``trainer run``, as nested dataclasses parsed by ``visalign.config``.
 
 Input: defaults < ``--config jobs/*.yaml`` < flags (``--optim.lr 2e-5`` or the short aliases that
 ``trainer.cli`` defines, e.g. ``--lr``). Output: a ``TrainConfig``; ``trainer run`` writes it to

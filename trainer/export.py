@@ -4,10 +4,10 @@ Input: a run folder (latest checkpoint) or a checkpoint folder (``trainer.checkp
 Output: ``OUT/`` that ``LlavaForConditionalGeneration.from_pretrained(OUT)`` and
 ``AutoProcessor.from_pretrained(OUT)`` load:
 
-* vision tower: the encoder the shards' manifest names, reloaded with the HF backend
-  (``load_encoder(name, backend="hf", path=...)``; its fingerprint must equal the manifest's), placed by the
-  encoder's own ``hf_llava_vision()``; ``vision_feature_layer`` = the manifest's ``feature_layer``;
-  ``vision_feature_select_strategy`` = ``default`` (drop CLS) for CLIP towers, ``full`` for SigLIP.
+* vision tower: the encoder the shards' manifest names, reloaded with transformers
+  (``trainer.models.vision.load_tower``; its fingerprint must equal the manifest's);
+  ``vision_feature_layer`` = the manifest's ``feature_layer``; ``vision_feature_select_strategy`` =
+  ``default`` (drop CLS) for CLIP towers, ``full`` for SigLIP.
 * projector: ``mlp2x_gelu`` layers ``0`` / ``2`` -> ``multi_modal_projector.linear_1`` / ``linear_2``.
   A ``linear`` projector has no HF LLaVA equivalent (its projector is always Linear-GELU-Linear): refused.
 * LLM: the run's LLM with the trained weights of the checkpoint (finetune) and its embeddings (and head)
@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from pipeline.shards import Manifest
-from trainer import checkpoint as ckpt_io
+from trainer.models.vision import VISION_TOWERS, image_processor, llava_vision_state, load_tower
+from visalign.errors import VisalignError
 
 # our projector layout (nn.Sequential indices) -> HF LlavaMultiModalProjector
 PROJECTOR_KEYS = {
@@ -39,92 +38,57 @@ PROJECTOR_KEYS = {
         "2.bias": "linear_2.bias",
     }
 }
-# vision config model_type -> (feature select strategy, tokens before the patches that the strategy drops)
-VISION_TOWERS = {"clip_vision_model": ("default", 1), "siglip_vision_model": ("full", 0)}
 EXPORT_INFO = "visalign_export.json"
 
 
-class ExportError(ValueError):
+class ExportError(VisalignError):
     """A checkpoint that HF LLaVA cannot represent, with what to change."""
 
 
-def _load_vision(manifest: Manifest, cache_dir: str | None):
-    from pipeline.encoders import load_encoder
-
-    info = manifest.encoder
-    if info.backend != "hf":
-        raise ExportError(
-            f"the shards were labelled with encoder {info.name!r} on the {info.backend!r} backend; "
-            "HF LLaVA needs an HF vision tower: relabel with --backend hf and retrain to export"
-        )
-    encoder = load_encoder(info.name, backend="hf", path=info.path, cache_dir=cache_dir)
-    if encoder.fingerprint() != info.fingerprint:
-        raise ExportError(
-            f"encoder {info.name!r} now has fingerprint {encoder.fingerprint()} but the shards were made "
-            f"with {info.fingerprint}: point the manifest's encoder path at the tower that made the shards"
-        )
-    try:
-        encoder.check_feature_layer(int(info.feature_layer))
-    except ValueError as err:
-        raise ExportError(f"HF LLaVA cannot express the shards' feature layer: {err}") from err
-    vision_config, vision_state, image_processor = encoder.hf_llava_vision()
-    if vision_config.model_type not in VISION_TOWERS:
-        raise ExportError(
-            f"vision tower type {vision_config.model_type!r} has no known HF LLaVA feature strategy; "
-            f"supported: {sorted(VISION_TOWERS)}"
-        )
-    return encoder, vision_config, vision_state, image_processor
-
-
-def _projector_state(name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _projector_state(name: str, projector: torch.nn.Module) -> dict[str, torch.Tensor]:
     if name not in PROJECTOR_KEYS:
         raise ExportError(
-            f"projector {name!r} has no HF LLaVA equivalent (LlavaMultiModalProjector is "
-            "Linear-GELU-Linear); "
+            f"projector {name!r} has no HF LLaVA equivalent (LlavaMultiModalProjector is Linear-GELU-Linear); "
             "train with --projector mlp2x_gelu to export"
         )
-    ours = {k[len("projector.") :]: v for k, v in tensors.items() if k.startswith("projector.")}
+    ours = projector.state_dict()
     if set(ours) != set(PROJECTOR_KEYS[name]):
         raise ExportError(f"checkpoint projector keys {sorted(ours)} do not match {name!r}")
     return {f"model.multi_modal_projector.{PROJECTOR_KEYS[name][k]}": v for k, v in ours.items()}
 
 
-def load_trained_llm(state: dict[str, Any], tensors: dict[str, torch.Tensor], cache_dir: str | None):
-    """The run's LLM with the checkpoint's trained LLM weights (finetune) applied."""
-    from trainer.models.llm import load_llm
-
-    llm, tokenizer = load_llm(state["llm"], cache_dir=cache_dir)
-    trained = {k[len("llm.") :]: v for k, v in tensors.items() if k.startswith("llm.")}
-    if trained:
-        missing_in_model = sorted(set(trained) - set(llm.state_dict()))
-        if missing_in_model:
-            raise ExportError(
-                f"checkpoint LLM weights {missing_in_model[:3]}... do not fit LLM {state['llm']!r}"
-            )
-        llm.load_state_dict(trained, strict=False)
-    return llm, tokenizer
-
-
 def export_hf_llava(
-    run_or_ckpt: str | Path, out: str | Path, step: int | None = None, cache_dir: str | None = None
+    run_or_ckpt: str | Path, out: str | Path, step: int | None = None, encoder_path: str | None = None
 ) -> Path:
     """Write the HF LLaVA folder; returns ``out``."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     from trainer.data.conversations import IMAGE_TOKEN
+    from trainer.models.build import load_trained
 
     out = Path(out)
     if (out / "config.json").exists():
         raise ExportError(f"{out} already holds a model (config.json); choose another --out or remove it")
-    ckpt = ckpt_io.resolve_checkpoint(run_or_ckpt, step)
-    state = ckpt_io.read_state(ckpt)
-    manifest = Manifest.from_dict(state["manifest"])
-    tensors = ckpt_io.load_tensors(ckpt, ckpt_io.MODEL)
-    encoder, vision_config, vision_state, image_processor = _load_vision(manifest, cache_dir)
-    projector_state = _projector_state(state["projector"], tensors)
+    run = load_trained(run_or_ckpt, step, with_objectives=False)
+    manifest = run.manifest
+    # refuse what HF LLaVA cannot hold before the (slow) tower load
+    projector_state = _projector_state(run.train_cfg.model.projector, run.vlm.projector)
+    tower, model_type, tower_path = load_tower(manifest.encoder, encoder_path)
+    vision_config, vision_state = llava_vision_state(tower)
+    num_states = int(vision_config.num_hidden_layers) + 1
+    if not -num_states <= int(manifest.encoder.feature_layer) < num_states:
+        raise ExportError(
+            f"HF LLaVA cannot express the shards' feature layer {manifest.encoder.feature_layer} "
+            f"({num_states} hidden states)"
+        )
+    if vision_config.model_type not in VISION_TOWERS:
+        raise ExportError(
+            f"vision tower type {vision_config.model_type!r} has no known HF LLaVA feature strategy; "
+            f"supported: {sorted(VISION_TOWERS)}"
+        )
     strategy, num_extra = VISION_TOWERS[vision_config.model_type]
 
-    llm, tokenizer = load_trained_llm(state, tensors, cache_dir)
+    llm, tokenizer = run.vlm.llm, run.tokenizer
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     num_old = llm.get_input_embeddings().weight.shape[0]
     num_new = max(num_old, image_id + 1, len(tokenizer))
@@ -166,7 +130,7 @@ def export_hf_llava(
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor = LlavaProcessor(
-        image_processor=image_processor,
+        image_processor=image_processor(tower_path, model_type, int(vision_config.image_size)),
         tokenizer=tokenizer,
         patch_size=int(vision_config.patch_size),
         vision_feature_select_strategy=strategy,
@@ -176,12 +140,12 @@ def export_hf_llava(
     )
     processor.save_pretrained(out)
     info = {
-        "checkpoint": str(ckpt),
-        "step": state["step"],
-        "stage": state.get("stage"),
-        "objective": state.get("objective"),
-        "llm": state["llm"],
-        "projector": state["projector"],
+        "checkpoint": str(run.checkpoint),
+        "step": run.step,
+        "stage": run.state.get("stage"),
+        "objective": run.state.get("objective"),
+        "llm": run.state["llm"],
+        "projector": run.train_cfg.model.projector,
         "encoder": manifest.encoder.name,
         "encoder_fingerprint": manifest.encoder.fingerprint,
         "image_token_index": image_id,

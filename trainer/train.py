@@ -11,8 +11,11 @@ and scheduler go through ``accelerator.prepare``; the streaming loader does not 
 optimiser step (``step_scheduler_with_optimizer=False``), so its schedule is in optimiser steps whatever the
 process count.
 
+Every micro-batch's forward gets a ``StepContext`` (step, micro-step, rank, world size, run seed, token
+normaliser): objectives read what they need from the loop there, never from magic batch keys.
+
 Loss normalisation. Every loss is divided by grad_accum before backward, uniformly. The ``lm`` objective
-divides its summed token NLL by ``batch["lm_normaliser"]``, which we set to (supervised tokens of the whole
+divides its summed token NLL by ``step.lm_normaliser``, which we set to (supervised tokens of the whole
 accumulation window on all ranks) / world size / grad_accum, counted before the window's forward passes.
 With DDP's gradient averaging the accumulated gradient is then exactly that of one big batch's token mean
 (not a mean of micro-batch means), and each logged ``lm_loss`` (mean over micro-batches and ranks) is the
@@ -40,42 +43,23 @@ import torch
 from accelerate.utils import DistributedType
 from torch import nn
 
-from pipeline.config import to_dict, write_resolved
-from pipeline.shards import Manifest, ShardFormatError, read_manifest
 from trainer import checkpoint as ckpt_io
 from trainer.config import TrainConfig
 from trainer.data import StreamLayout, build_stream, make_loader
-from trainer.objectives import (
-    ObjectiveContext,
-    build_objectives,
-    objective_weights,
-    parse_spec,
-    union_needs,
+from trainer.models.build import (
+    build_train_module,
+    check_manifest_against,
+    init_projector,
+    load_checkpoint_weights,
 )
+from trainer.objectives import objective_weights, parse_spec
+from trainer.objectives.base import StepContext
+from visalign.config import to_dict, write_resolved
+from visalign.shards import ShardFormatError, read_manifest
 
 log = logging.getLogger("trainer")
 
 LOG_FILE = "log.jsonl"
-
-
-class TrainModule(nn.Module):
-    """VisualLM + objective modules as one module, so DDP/FSDP wrap and synchronise both."""
-
-    def __init__(self, vlm: nn.Module, objectives: nn.ModuleDict):
-        super().__init__()
-        self.vlm = vlm
-        self.objectives = objectives
-        self.needs = union_needs(objectives)
-
-    def forward(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        out = self.vlm(batch, self.needs)
-        losses: dict[str, torch.Tensor] = {}
-        report: dict[str, float] = {}
-        for objective in self.objectives.values():
-            obj_losses, obj_report = objective(batch, out)
-            losses.update(obj_losses)
-            report.update(obj_report)
-        return losses, report
 
 
 def lr_lambda(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
@@ -110,21 +94,6 @@ def resolve_mixed_precision(choice: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
-def check_manifest_against(recorded: dict[str, Any], manifest: Manifest, what: str) -> None:
-    """Refuse shards from another encoder / word list / feature width than ``recorded`` (a checkpoint's)."""
-    pairs = [
-        ("encoder fingerprint", recorded.get("encoder", {}).get("fingerprint"), manifest.encoder.fingerprint),
-        ("word list sha256", recorded.get("wordlist", {}).get("sha256"), manifest.wordlist.sha256),
-        ("feature width", recorded.get("encoder", {}).get("feature_dim"), manifest.encoder.feature_dim),
-    ]
-    for name, theirs, ours in pairs:
-        if theirs is not None and theirs != ours:
-            raise ShardFormatError(
-                f"{what} was trained on shards with {name} {theirs}, but --shards has {name} {ours}: "
-                "point --shards at the shards it was trained on (or start a new run)"
-            )
-
-
 class Trainer:
     """Builds everything from a ``TrainConfig``; ``train()`` runs until ``optim.max_steps``."""
 
@@ -157,10 +126,19 @@ class Trainer:
         if acc.is_main_process:  # after the checks above (a refused start must not clobber a run's file)
             write_resolved(cfg, self.run / "config.yaml")
 
-        self.vlm, self.tokenizer = self.build_model()
-        self.objectives = self.build_objectives()
+        module, self.tokenizer = build_train_module(
+            cfg,
+            self.manifest,
+            cfg.shards,
+            main_process_first=acc.main_process_first,
+            apply_stage_to=cfg.stage,
+        )
+        self.vlm, self.objectives = module.vlm, module.objectives
+        if cfg.model.init_projector:
+            init_projector(module, cfg.model.init_projector, cfg.model.projector, self.manifest)
+        elif cfg.stage == "finetune" and ckpt is None:
+            log.warning("finetune without --init-projector: the projector starts from random weights")
         self.weights = objective_weights(cfg.objectives, parse_spec(cfg.objective))
-        module = TrainModule(self.vlm, self.objectives)
         self.optimizer = torch.optim.AdamW(
             param_groups(module, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
             eps=cfg.optim.eps,
@@ -212,78 +190,12 @@ class Trainer:
             )
         return None
 
-    def build_model(self):
-        from accelerate.utils import set_seed
-
-        from trainer.models.llm import load_llm
-        from trainer.models.projector import build_projector
-        from trainer.models.vlm import VisualLM, apply_stage
-
-        cfg = self.cfg
-        if not cfg.model.llm:
-            raise ValueError("no LLM given: pass --llm NAME_OR_PATH (tiny-llm, smollm2-135m or a HF folder)")
-        with self.accelerator.main_process_first():  # the first call may build a tiny model into the cache
-            try:
-                llm, tokenizer = load_llm(
-                    cfg.model.llm,
-                    attn_implementation=cfg.model.attn_implementation,
-                    cache_dir=cfg.model.cache_dir,
-                )
-            except OSError as err:  # a hub id that is not cached offline, a broken folder
-                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                raise ValueError(
-                    f"cannot load --llm {cfg.model.llm!r} ({first}); give a registry name "
-                    "(tiny-llm, smollm2-135m) or a local HF model folder"
-                ) from err
-        # the first load of a registry model builds it into the cache, and building draws random numbers (or
-        # seeds its own): re-seed so the projector and objective modules start the same whether the cache was
-        # cold or warm, on every rank
-        set_seed(cfg.seed)
-        hidden = llm.config.get_text_config().hidden_size
-        projector = build_projector(cfg.model.projector, self.manifest.encoder.feature_dim, hidden)
-        if cfg.model.init_projector:
-            self.init_projector(projector, cfg.model.init_projector)
-        elif cfg.stage == "finetune" and not cfg.resume:
-            log.warning("finetune without --init-projector: the projector starts from random weights")
-        vlm = VisualLM(llm, projector, gradient_checkpointing=cfg.model.gradient_checkpointing)
-        self.param_counts = apply_stage(vlm, cfg.stage)  # logs the trainable / frozen counts
-        return vlm, tokenizer
-
-    def init_projector(self, projector: nn.Module, source: str) -> None:
-        """Finetune starts from a stage-1 projector: same architecture, same shards' encoder."""
-        ckpt = ckpt_io.resolve_checkpoint(source)
-        state = ckpt_io.read_state(ckpt)
-        if state.get("projector") != self.cfg.model.projector:
-            raise ValueError(
-                f"--init-projector {ckpt} holds a {state.get('projector')!r} projector but this run builds "
-                f"{self.cfg.model.projector!r}; pass --projector {state.get('projector')}"
-            )
-        check_manifest_against(state["manifest"], self.manifest, f"--init-projector {ckpt}")
-        tensors = ckpt_io.load_tensors(ckpt)
-        weights = {k[len("projector.") :]: v for k, v in tensors.items() if k.startswith("projector.")}
-        projector.load_state_dict(weights, strict=True)
-        log.info("projector initialised from %s", ckpt)
-
-    def build_objectives(self) -> nn.ModuleDict:
-        llm = self.vlm.llm
-        ctx = ObjectiveContext(
-            llm_config=llm.config.get_text_config(),
-            projector=self.cfg.model.projector,
-            feature_dim=self.manifest.encoder.feature_dim,
-            manifest=self.manifest,
-            shards_root=self.cfg.shards,
-            tokenizer=self.tokenizer,
-            embed_Nd=llm.get_input_embeddings().weight,
-            cache_dir=self.cfg.model.cache_dir,
-        )
-        return build_objectives(self.cfg.objective, self.cfg.objectives, ctx)
-
     def build_heldout(self, fmt: str) -> dict[str, Any] | None:
         """The fixed held-out batches and word tables of the periodic evaluation (``cfg.eval``), or None."""
         ev = self.cfg.eval
         if not ev.shards or ev.every <= 0:
             return None
-        from trainer.evaluate.runner import eval_inputs
+        from trainer.evaluate.measure import eval_inputs
 
         held = read_manifest(ev.shards)
         for name, train_value, held_value in [
@@ -311,7 +223,7 @@ class Trainer:
         waits on another); the main process writes them. In eval mode no RNG is drawn, so a resumed run
         stays bit-exact. FSDP shards the parameters and is not supported here (see docs/trainer.md).
         """
-        from trainer.evaluate.runner import evaluate_batches, flat_report
+        from trainer.evaluate.measure import evaluate_batches, flat_report
 
         module = self.accelerator.unwrap_model(self.model)
         result = evaluate_batches(module.vlm, module.objectives, **self.heldout)
@@ -383,11 +295,18 @@ class Trainer:
         sums: dict[str, float] = defaultdict(float)
         for i, batch in enumerate(micro_batches):
             batch = self.to_device(batch)
-            batch["lm_normaliser"] = normaliser
+            step = StepContext(
+                step=self.step,
+                micro_step=i,
+                rank=acc.process_index,
+                world_size=acc.num_processes,
+                seed=cfg.seed,
+                lm_normaliser=normaliser,
+            )
             last = i == num_accum - 1
             # no gradient all-reduce until the window's last micro-batch
             with acc.no_sync(self.model) if not last else contextlib.nullcontext():
-                values = self.forward_backward(batch, num_accum)
+                values = self.forward_backward(batch, step, num_accum)
             for key, value in values.items():
                 sums[key] += value / num_accum
 
@@ -408,9 +327,9 @@ class Trainer:
         metrics["num_samples"], metrics["num_tokens"] = num_samples, num_tokens
         return metrics
 
-    def forward_backward(self, batch: dict[str, Any], num_accum: int) -> dict[str, float]:
+    def forward_backward(self, batch: dict[str, Any], step: StepContext, num_accum: int) -> dict[str, float]:
         """Forward, weighted sum of the ``*_loss`` terms, backward; returns detached losses + report."""
-        losses, report = self.model(batch)
+        losses, report = self.model(batch, step)
         unknown = sorted(set(losses) - set(self.weights))
         if unknown:
             raise KeyError(
@@ -515,16 +434,7 @@ class Trainer:
                 f"resuming under FSDP is not supported ({ckpt}): its sharded optimizer state is not saved; "
                 "export the checkpoint or start a new run from it with --init-projector"
             )
-        weights = ckpt_io.load_tensors(ckpt, ckpt_io.MODEL)
-        trainable = {n for n, p in module.vlm.named_parameters() if p.requires_grad}
-        if set(weights) != trainable:
-            raise ckpt_io.CheckpointError(
-                f"{ckpt} holds weights for {len(weights)} tensors but this run trains {len(trainable)} "
-                f"(stage {self.cfg.stage!r} vs the checkpoint's {state.get('stage')!r}); "
-                "resume with the same settings"
-            )
-        module.vlm.load_state_dict(weights, strict=False)
-        module.objectives.load_state_dict(ckpt_io.load_tensors(ckpt, ckpt_io.OBJECTIVES), strict=True)
+        load_checkpoint_weights(module, ckpt, self.cfg.stage)
         self.optimizer.load_state_dict(ckpt_io.load_torch(ckpt, ckpt_io.OPTIMIZER))
         self.scheduler.load_state_dict(ckpt_io.load_torch(ckpt, ckpt_io.SCHEDULER))
         rng, data = ckpt_io.load_rank_state(ckpt, acc.process_index)
@@ -570,4 +480,4 @@ def run(cfg: TrainConfig) -> Path:
     return Path(cfg.output)
 
 
-__all__ = ["Trainer", "TrainModule", "lr_lambda", "param_groups", "run"]
+__all__ = ["Trainer", "lr_lambda", "param_groups", "run"]

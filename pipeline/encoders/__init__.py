@@ -14,25 +14,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.encoders.base import (
-    BACKENDS,
-    DENSE_MODES,
-    EncoderOutput,
-    Preprocess,
-    VisionEncoder,
-    build_once,
-    default_cache_dir,
-)
-from pipeline.registry import Registry, UnknownNameError
+from pipeline.encoders.base import BACKENDS, DENSE_MODES, EncoderError, EncoderOutput, VisionEncoder
+from visalign.cache import build_once, default_cache_dir
+from visalign.registry import Registry, UnknownNameError
 
 __all__ = [
     "BACKENDS",
     "DENSE_MODES",
     "ENCODERS",
+    "EncoderError",
     "EncoderOutput",
-    "Preprocess",
     "VisionEncoder",
-    "default_cache_dir",
     "load_encoder",
 ]
 
@@ -48,7 +40,7 @@ REAL = {
 def _backend(name: str, backend: str | None, allowed: tuple[str, ...] = BACKENDS) -> str:
     backend = backend or "hf"
     if backend not in allowed:
-        raise ValueError(
+        raise EncoderError(
             f"encoder {name!r}: backend {backend!r} is not available; use one of {list(allowed)}"
         )
     return backend
@@ -89,14 +81,14 @@ def _real_factory(name: str):
     def factory(backend=None, path=None, cache_dir=None, **options) -> VisionEncoder:
         backend = _backend(name, backend)
         if path is not None and not Path(path).exists():
-            raise FileNotFoundError(f"encoder {name!r}: --encoder_path {path} does not exist")
+            raise EncoderError(f"encoder {name!r}: --encoder_path {path} does not exist")
         try:
             return load(backend, path, cache_dir, **options)
         except (OSError, RuntimeError) as err:
             if path is not None or not _looks_like_no_weights(err):
                 raise
             source = hub_id if backend == "hf" else f"open_clip {oc_name} / {oc_tag}"
-            raise FileNotFoundError(
+            raise EncoderError(
                 f"encoder {name!r}: the weights ({source}) are neither in the local cache nor reachable "
                 f"(offline or no network). Download them on a machine with network (hf: `huggingface-cli "
                 f"download {hub_id}`) and pass --encoder_path /path/to/the/folder (or the open_clip weights "
@@ -162,7 +154,7 @@ def load_encoder(
     valid_options = {"dense", "text_context"}
     unknown = sorted(set(options) - valid_options)
     if unknown:
-        raise ValueError(f"unknown encoder option(s) {unknown}; valid options: {sorted(valid_options)}")
+        raise EncoderError(f"unknown encoder option(s) {unknown}; valid options: {sorted(valid_options)}")
     options = {k: v for k, v in options.items() if v is not None}
     if name not in ENCODERS:
         if Path(name).is_dir():

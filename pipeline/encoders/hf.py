@@ -10,7 +10,8 @@ whose single vision forward gives the LLaVA features and the joint-space patch e
 * SigLIP: feats = ``hidden_states[layer]`` (no CLS);
           joint = ``head(post_layernorm(hidden_states[-1]))`` applied to every token as a length-1 sequence.
 
-``hf_llava_vision`` hands the vision tower to ``trainer export`` in LlavaForConditionalGeneration's layout.
+The fingerprint is ``visalign.hashing.hf_fingerprint`` of the full model: ``trainer export`` recomputes it
+from the same folder with transformers alone (``trainer/models/vision.py``).
 
 Letters: B batch, S square side, T tokens (with CLS), P patches, D vision width, E joint width, L text length.
 """
@@ -24,33 +25,24 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pipeline.encoders.base import (
-    CLIP_MEAN,
-    CLIP_STD,
-    SIGLIP_MEAN,
-    SIGLIP_STD,
-    EncoderOutput,
-    Preprocess,
-    VisionEncoder,
-    check_options,
-)
+from pipeline.encoders.base import EncoderError, EncoderOutput, VisionEncoder, check_options
+from visalign.hashing import hf_identity_config
+from visalign.images import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, Preprocess
 
 HF_MODEL_TYPES = ("clip", "siglip")
-# LlavaForConditionalGeneration holds the tower as ``model.vision_tower`` (AutoModel of the vision config).
-LLAVA_VISION_PREFIX = "model.vision_tower."
 
 
 def read_model_type(path: str | Path) -> str:
     """``model_type`` of a local HF checkpoint folder, with errors that say what is wrong."""
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(
+        raise EncoderError(
             f"{path} is not an HF checkpoint folder (no config.json): point path= at a folder saved with "
             "save_pretrained (e.g. a local copy of openai/clip-vit-large-patch14-336)"
         )
     model_type = json.loads(config_file.read_text()).get("model_type")
     if model_type not in HF_MODEL_TYPES:
-        raise ValueError(
+        raise EncoderError(
             f"{config_file}: model_type {model_type!r} is not supported; the hf backend loads full "
             f"{' / '.join(HF_MODEL_TYPES)} models (vision + text towers)"
         )
@@ -73,7 +65,7 @@ def _image_processor_spec(model_type: str, vision_config, path: str | Path | Non
     if isinstance(settings.get("size"), dict):  # old configs store a bare int: keep the family's mode
         mode = "shortest" if "shortest_edge" in settings["size"] else "squash"
     if int(settings.get("resample", 3)) != 3:
-        raise ValueError(f"{proc_file}: only bicubic resampling (resample=3) is reproduced by preprocess")
+        raise EncoderError(f"{proc_file}: only bicubic resampling (resample=3) is reproduced by preprocess")
     return Preprocess(image_size=size, mean=mean, std=std, resize_mode=mode, crop_rounding="floor")
 
 
@@ -94,7 +86,7 @@ class HFVisionEncoder(VisionEncoder):
         local = Path(path).is_dir()
         model_type = read_model_type(path) if local else model_type
         if model_type not in HF_MODEL_TYPES:
-            raise ValueError(f"{name}: cannot tell whether {path} is a CLIP or SigLIP model")
+            raise EncoderError(f"{name}: cannot tell whether {path} is a CLIP or SigLIP model")
         is_clip = model_type == "clip"
         check_options(name, dense, text_context, is_clip)
         if is_clip:
@@ -161,67 +153,7 @@ class HFVisionEncoder(VisionEncoder):
 
     # ------------------------------------------------------------------ identity / export
     def _fingerprint_parts(self):
-        return _identity_config(self.model.config.to_dict()), self.model.state_dict()
-
-    def hf_llava_vision(self):
-        """``(vision_config, state_dict, image_processor)``: keys are the names the vision tower has inside a
-        ``LlavaForConditionalGeneration`` of this transformers version (``model.vision_tower.`` + the
-        ``CLIPVisionModel`` / ``SiglipVisionModel`` keys), ready for ``load_state_dict``; that model's
-        ``save_pretrained`` then writes the standard LLaVA checkpoint."""
-        from transformers import AutoImageProcessor, AutoModel
-
-        vision_config = self.model.config.vision_config
-        ours = self.model.vision_model.state_dict()
-        # transformers 5 flattened CLIPVisionModel (no ``vision_model.`` level in memory), 4.x had it:
-        # ask the class LLaVA builds (on the meta device, no memory) which layout it uses.
-        with torch.device("meta"):
-            tower_keys = set(AutoModel.from_config(vision_config).state_dict())
-        if tower_keys == set(ours):
-            inner = ""
-        elif tower_keys == {f"vision_model.{k}" for k in ours}:
-            inner = "vision_model."
-        else:
-            raise RuntimeError(
-                f"{self.name}: cannot map the vision tower onto the layout of "
-                f"{type(vision_config).__name__}'s model "
-                "in this transformers version"
-            )
-        state = {f"{LLAVA_VISION_PREFIX}{inner}{k}": v.detach().clone() for k, v in ours.items()}
-        try:
-            processor = AutoImageProcessor.from_pretrained(self.path)
-        except OSError:
-            processor = default_image_processor(self.model_type, self.image_size)
-        return vision_config, state, processor
-
-
-def _identity_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The config minus bookkeeping that varies with where/how it was saved (path, library version, dtype)."""
-    skip = {"transformers_version", "dtype", "torch_dtype", "architectures"}
-    return {
-        k: _identity_config(v) if isinstance(v, dict) else v
-        for k, v in config.items()
-        if not str(k).startswith("_") and k not in skip
-    }
-
-
-def default_image_processor(model_type: str, image_size: int):
-    """The family's image processor at ``image_size`` (what a checkpoint folder normally ships)."""
-    if model_type == "clip":
-        from transformers import CLIPImageProcessor
-
-        return CLIPImageProcessor(
-            size={"shortest_edge": image_size},
-            crop_size={"height": image_size, "width": image_size},
-            image_mean=list(CLIP_MEAN),
-            image_std=list(CLIP_STD),
-        )
-    from transformers import SiglipImageProcessor
-
-    return SiglipImageProcessor(
-        size={"height": image_size, "width": image_size},
-        image_mean=list(SIGLIP_MEAN),
-        image_std=list(SIGLIP_STD),
-    )
+        return hf_identity_config(self.model.config.to_dict()), self.model.state_dict()
 
 
 def maskclip_hf_layer(layer, hidden_BTD: Tensor) -> Tensor:

@@ -25,12 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.encoders.base import (
-    EncoderOutput,
-    Preprocess,
-    VisionEncoder,
-    check_options,
-)
+from pipeline.encoders.base import EncoderError, EncoderOutput, VisionEncoder, check_options
+from visalign.images import Preprocess
 
 
 class OpenCLIPVisionEncoder(VisionEncoder):
@@ -51,7 +47,7 @@ class OpenCLIPVisionEncoder(VisionEncoder):
         import open_clip
 
         if pretrained and Path(pretrained).suffix and not Path(pretrained).is_file():
-            raise FileNotFoundError(f"{name}: open_clip weights file {pretrained} does not exist")
+            raise EncoderError(f"{name}: open_clip weights file {pretrained} does not exist")
         model, _, preprocess_val = open_clip.create_model_and_transforms(
             model_name,
             pretrained=pretrained,
@@ -67,7 +63,7 @@ class OpenCLIPVisionEncoder(VisionEncoder):
         self.is_clip = hasattr(visual, "transformer") and hasattr(visual, "class_embedding")
         self.is_timm = hasattr(visual, "trunk")
         if not (self.is_clip or self.is_timm):
-            raise ValueError(
+            raise EncoderError(
                 f"{name}: open_clip tower {type(visual).__name__} is neither a ViT nor a timm ViT"
             )
         check_options(name, dense, text_context, self.is_clip)
@@ -86,7 +82,9 @@ class OpenCLIPVisionEncoder(VisionEncoder):
         else:
             trunk = visual.trunk
             if getattr(trunk, "attn_pool", None) is None:
-                raise ValueError(f"{name}: timm tower has no MAP head (attn_pool); not a SigLIP-style tower")
+                raise EncoderError(
+                    f"{name}: timm tower has no MAP head (attn_pool); not a SigLIP-style tower"
+                )
             self.blocks = list(trunk.blocks)
             self.num_prefix = int(trunk.num_prefix_tokens)
             self.feature_dim = int(trunk.embed_dim)
@@ -104,7 +102,7 @@ class OpenCLIPVisionEncoder(VisionEncoder):
             "shortest",
             "squash",
         ):
-            raise ValueError(f"{name}: preprocess {cfg} is not reproduced (bicubic shortest/squash only)")
+            raise EncoderError(f"{name}: preprocess {cfg} is not reproduced (bicubic shortest/squash only)")
         self.image_size = int(size)
         # torchvision's CenterCrop rounds the offset (HF floors it)
         self.preprocess_spec = Preprocess(
@@ -181,7 +179,7 @@ def maskclip_openclip_block(block, hidden_BTD: Tensor) -> Tensor:
     """
     attn = block.attn
     if not isinstance(attn, torch.nn.MultiheadAttention) or attn.in_proj_weight is None:
-        raise ValueError(
+        raise EncoderError(
             "dense='maskclip' needs a standard open_clip ViT block (packed nn.MultiheadAttention)"
         )
     width = attn.embed_dim
@@ -196,15 +194,15 @@ def load_openclip_tiny(name: str, folder: str | Path, **options) -> OpenCLIPVisi
     """Load a tiny tower folder: register its json with open_clip, then load the safetensors weights."""
     import open_clip
 
-    from pipeline.encoders.base import SIGLIP_MEAN, SIGLIP_STD
     from pipeline.encoders.tiny import OPENCLIP_TINY_NAMES, OPENCLIP_WEIGHTS, register_timm_tiny_mapvit
+    from visalign.images import SIGLIP_MEAN, SIGLIP_STD
 
     folder = Path(folder)
     model_name = OPENCLIP_TINY_NAMES[name]
     config_file, weights = folder / f"{model_name}.json", folder / OPENCLIP_WEIGHTS
     for needed in (config_file, weights):
         if not needed.is_file():
-            raise FileNotFoundError(f"{name}: {needed} missing; delete {folder} to rebuild the tiny tower")
+            raise EncoderError(f"{name}: {needed} missing; delete {folder} to rebuild the tiny tower")
     load_kwargs: dict[str, Any] = {}
     if name == "tiny-siglip":
         register_timm_tiny_mapvit()

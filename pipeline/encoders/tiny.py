@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from pipeline.encoders.base import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD
+from visalign.images import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD
 
 SEED = 0
 TINY_IMAGE = 64

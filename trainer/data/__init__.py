@@ -9,10 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.shards import Manifest
 from trainer.data.collate import Collator, SampleTransform
 from trainer.data.conversations import IMAGE_TOKEN, ConversationError, Formatter
 from trainer.data.shards import ShardStream, StreamLayout, make_loader, split_range
+from visalign.shards import Manifest
 
 
 def build_stream(

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.shards import EXPERT_PREFIX
 from trainer.data.conversations import IGNORE_INDEX, Formatter
+from visalign.shards import EXPERT_PREFIX
 
 
 class SampleTransform:

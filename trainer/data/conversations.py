@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from visalign.errors import VisalignError
+
 IMAGE_TOKEN = "<image>"
 """must equal ``trainer.models.llm.IMAGE_TOKEN`` (a test checks); kept here so the data layer stays light"""
 
@@ -34,7 +36,7 @@ IGNORE_INDEX = -100
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
-class ConversationError(ValueError):
+class ConversationError(VisalignError):
     """A sample whose text cannot be turned into a training sequence."""
 
 

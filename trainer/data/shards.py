@@ -1,6 +1,6 @@
 """Streaming the label shards into the trainer: split across ranks and workers by us, resumable exactly.
 
-Input: a finished ``pipeline label`` root (``manifest.json`` + ``shard-*.tar``, see ``pipeline.shards``).
+Input: a finished ``pipeline label`` root (``manifest.json`` + ``shard-*.tar``, see ``visalign.shards``).
 Output: an ``IterableDataset`` of collated micro-batches for one rank, endless (step-based training).
 
 How the samples are split (the choice the brief asked us to make and document):
@@ -24,7 +24,7 @@ position follows from it (``state_dict``/``start_batches``), and the slot stream
 Skipped samples are read from the tar but never decoded.
 
 We read tars with ``tarfile`` rather than webdataset: the split above needs "samples i..j of shard k",
-which a per-shard webdataset pipeline does not express; both read the same members (``pipeline.shards``).
+which a per-shard webdataset pipeline does not express; both read the same members (``visalign.shards``).
 
 Letters: B batch, P patches, D feature width, K top-k slots.
 """
@@ -41,13 +41,14 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pipeline.shards import Manifest, decode_sample, read_manifest
+from visalign.config import ConfigError
+from visalign.shards import Manifest, decode_sample, read_manifest
 
 
 def split_range(num_samples: int, num_slots: int, slot: int) -> tuple[int, int]:
     """The contiguous ``[start, stop)`` of the global stream owned by ``slot`` of ``num_slots``."""
     if num_samples < num_slots:
-        raise ValueError(
+        raise ConfigError(
             f"{num_samples} samples cannot feed {num_slots} reader slots (processes x --num-workers): "
             "lower --num-workers or use fewer processes"
         )

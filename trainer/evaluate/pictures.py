@@ -1,6 +1,6 @@
 """Pictures of visual-token alignment: words drawn on patch cells, per-layer curves, run-vs-run tables.
 
-* the word pictures themselves come from ``pipeline.pictures`` (``encoder_view``, ``word_grid_image``),
+* the word pictures themselves come from ``visalign.pictures`` (``encoder_view``, ``word_grid_image``),
   shared with ``pipeline show``;
 * ``side_by_side``, ``plot_layer_curves``, ``table_png``, ``markdown_table``: composition and summaries.
 

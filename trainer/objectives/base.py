@@ -3,10 +3,15 @@
 An objective is an ``nn.Module`` (so learnable pieces such as SEA's temperature or distillation's reverse
 projectors are trained with the model and saved in checkpoints, but never exported). It declares which model
 outputs it needs (``Needs``); the model wrapper computes only the union of what the active objectives need;
-``forward`` returns ``(losses, report)``:
+``forward(batch, out, step)`` returns ``(losses, report)``:
 
 * ``losses``: ``{"<name>_loss": scalar tensor}``; the loop multiplies each by its configured weight and sums.
 * ``report``: ``{"<name>/<what>": float}`` diagnostics for logs; never back-propagated.
+
+``step`` is a ``StepContext``: where in the run this micro-batch is (step, micro-step, rank, world size), the
+run seed, and the loop's token normaliser. Everything an objective needs from the loop comes through it; the
+batch holds data only. ``eval_measures(batch, out)`` lets an objective add its own measures to ``trainer
+eval`` and the periodic evaluation (distillation: the reverse-projector cosine per target).
 
 The loop never branches on an objective's name: adding one is a module + a registry entry + tests.
 
@@ -32,6 +37,7 @@ N vocabulary):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import Any
 
 import torch
@@ -66,7 +72,7 @@ class ObjectiveContext:
     feature_dim: int
     """encoder feature width D of the shards"""
     manifest: Any = None
-    """pipeline.shards.Manifest of the training shards (word list, experts, patch grid)"""
+    """visalign.shards.Manifest of the training shards (word list, experts, patch grid)"""
     shards_root: str | None = None
     tokenizer: Any = None
     embed_Nd: torch.Tensor | None = None
@@ -74,8 +80,32 @@ class ObjectiveContext:
     cache_dir: str | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class StepContext:
+    """Where a micro-batch sits in the run; built by the loop (or by a test) for every forward."""
+
+    step: int = 0
+    """the optimiser step this micro-batch contributes to (0-based: the first step is 0)"""
+    micro_step: int = 0
+    """index of the micro-batch inside its gradient-accumulation window"""
+    rank: int = 0
+    world_size: int = 1
+    seed: int = 0
+    """the run seed (``--seed``): objectives derive their random streams from it"""
+    lm_normaliser: float | None = None
+    """supervised tokens of the whole accumulation window on all ranks / world size / grad_accum, counted
+    before the window's forward passes (``trainer/train.py``); None = this micro-batch's own token count"""
+
+    def generator(self, purpose: str) -> torch.Generator:
+        """A CPU generator whose stream depends only on (purpose, seed, step, rank, micro-step): the same on any
+        device, different for every ``--seed``, and identical again when a run is resumed."""
+        key = f"{purpose}/{self.seed}/{self.step}/{self.rank}/{self.micro_step}".encode()
+        digest = hashlib.sha256(key).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
 class Objective(nn.Module):
-    """Base class: subclasses set ``needs`` and implement ``forward``."""
+    """Base class: subclasses set ``needs`` and implement ``forward`` (and ``build``, ``loss_weights``)."""
 
     name: str = "objective"
 
@@ -83,5 +113,12 @@ class Objective(nn.Module):
         super().__init__()
         self.needs = Needs()
 
-    def forward(self, batch: dict[str, Any], out: Any) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    def forward(
+        self, batch: dict[str, Any], out: Any, step: StepContext
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         raise NotImplementedError
+
+    def eval_measures(self, batch: dict[str, Any], out: Any) -> dict[str, tuple[float, float]]:
+        """``{measure: (value, weight)}`` this objective adds to the evaluation; pooled as weighted means over
+        batches and reported as ``<name>/<measure>``. Called without gradient, in eval mode."""
+        return {}

@@ -25,7 +25,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from trainer.objectives.base import Needs, Objective, ObjectiveContext
+from trainer.objectives.base import Needs, Objective, ObjectiveContext, StepContext
+from visalign.config import ConfigError
 
 
 def layer_weights(k: int) -> torch.Tensor:
@@ -146,7 +147,7 @@ class BasicObjective(Objective):
         self.cfg = cfg
         k = cfg.num_layers or max(num_llm_layers // 2, 1)
         if not 1 <= k <= num_llm_layers:
-            raise ValueError(f"basic.num_layers={k} but the LLM has {num_llm_layers} layers")
+            raise ConfigError(f"basic.num_layers={k} but the LLM has {num_llm_layers} layers")
         self.num_layers = k
         self.register_buffer("layer_weights_k", layer_weights(k), persistent=False)
         layers = tuple(range(1, k + 1))
@@ -176,7 +177,9 @@ class BasicObjective(Objective):
         att_BP = out.text_to_visual_BP.detach().float()
         return att_BP / att_BP.sum(1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
 
-    def forward(self, batch: dict[str, Any], out: Any) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    def forward(
+        self, batch: dict[str, Any], out: Any, step: StepContext
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         v_BPd = out.visual_BPd
         v_hat_BPd = self.target(out)
         a_BP = self.patch_weights(out)

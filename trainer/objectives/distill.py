@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.objectives.base import Needs, Objective, ObjectiveContext
+from trainer.objectives.base import Needs, Objective, ObjectiveContext, StepContext
+from visalign.config import ConfigError
 
 ENCODER_TARGET = "encoder"
 """name of the main encoder's target (its features are ``batch["feats_BPD"]``)"""
@@ -97,7 +98,7 @@ class DistillObjective(Objective):
         self.cfg = cfg
         self.layer = num_llm_layers if cfg.layer == -1 else int(cfg.layer)
         if not 1 <= self.layer <= num_llm_layers:
-            raise ValueError(f"distill.layer={cfg.layer} but the LLM has {num_llm_layers} layers")
+            raise ConfigError(f"distill.layer={cfg.layer} but the LLM has {num_llm_layers} layers")
         self.grid_hw = tuple(grid_hw) if grid_hw else None
         self.target_grids = {name: (tuple(g) if g else None) for name, (_, g) in targets.items()}
         self.reverse = nn.ModuleDict(
@@ -118,7 +119,7 @@ class DistillObjective(Objective):
         if cfg.experts and manifest is not None:
             for expert in manifest.experts:
                 if expert.name == ENCODER_TARGET:
-                    raise ValueError(f"an expert may not be called {ENCODER_TARGET!r}: the name is reserved")
+                    raise ConfigError(f"an expert may not be called {ENCODER_TARGET!r}: the name is reserved")
                 targets[expert.name] = (int(expert.feature_dim), tuple(expert.patch_grid))
         return cls(
             cfg,
@@ -133,13 +134,13 @@ class DistillObjective(Objective):
     def loss_weights(cfg: DistillConfig) -> dict[str, float]:
         return {"distill_loss": cfg.weight}
 
-    def forward(self, batch: dict[str, Any], out: Any) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    def pairs(self, batch: dict[str, Any], out: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{target: (prediction, target features)}`` on a common grid (after the configured resizing)."""
         h_BPd = out.hidden_BLPd[self.layer]
         num_patches = h_BPd.shape[1]
         grid_hw = self.grid_hw or square_grid(num_patches)
         experts = batch.get("experts") or {}
-        total = None
-        report: dict[str, float] = {}
+        found = {}
         for name, grid_e in self.target_grids.items():
             if name == ENCODER_TARGET:
                 target_BPD = batch["feats_BPD"]
@@ -156,7 +157,25 @@ class DistillObjective(Objective):
                     target_BPD = resize_tokens(target_BPD, grid_e, grid_hw)
                 else:
                     pred_BPD = resize_tokens(pred_BPD, grid_hw, grid_e)
+            found[name] = (pred_BPD, target_BPD)
+        return found
+
+    def forward(
+        self, batch: dict[str, Any], out: Any, step: StepContext
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        total = None
+        report: dict[str, float] = {}
+        for name, (pred_BPD, target_BPD) in self.pairs(batch, out).items():
             loss = cosine_loss(pred_BPD, target_BPD)
             report[f"distill/cos_{name}"] = 1.0 - float(loss.detach())
             total = loss if total is None else total + loss
         return {"distill_loss": total}, report
+
+    def eval_measures(self, batch: dict[str, Any], out: Any) -> dict[str, tuple[float, float]]:
+        """The mean cosine between reverse-projected visual tokens and each target's features, weighted by
+        the number of (sample, patch) pairs it was measured on."""
+        measures = {}
+        for name, (pred_BPD, target_BPD) in self.pairs(batch, out).items():
+            cos = 1.0 - float(cosine_loss(pred_BPD, target_BPD))
+            measures[f"reverse_cos/{name}"] = (cos, float(pred_BPD.shape[0] * pred_BPD.shape[1]))
+        return measures

@@ -21,9 +21,8 @@ Our choices where the paper is silent (all configurable or documented in docs/ob
   whitespace are dropped. Words with no sub-token left are never drawn.
 * targets come from the current E, detached: SEA moves the projector toward the LLM's word space, not the
   word embeddings toward the patches (in stage 2 E is trained by the LM loss alone).
-* sampling runs on CPU with a ``torch.Generator`` seeded from (seed, step, rank): identical on any device,
-  and an exact resume reproduces the same draws (``batch["step"]`` if the loop provides it, else a step
-  counter buffer saved in checkpoints).
+* sampling runs on CPU with ``step.generator("sea")``, seeded from (run seed, step, rank, micro-step):
+  identical on any device, different for every ``--seed``, and the same draws again after a resume.
 
 Letters: B batch, P patches, K label slots, d LLM width, N vocabulary, W words, S sub-tokens, M pairs.
 """
@@ -43,7 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.objectives.base import Needs, Objective, ObjectiveContext
+from trainer.objectives.base import Needs, Objective, ObjectiveContext, StepContext
+from visalign.shards import ShardFormatError
 
 TOKENISATION_RULE = "leading-space-v1"
 """bump when ``tokenize_words`` changes, so cached sub-token matrices are rebuilt"""
@@ -60,12 +60,6 @@ def contrastive_loss(visual_MD: torch.Tensor, target_MD: torch.Tensor, logit_sca
     logits_MM = logits_MM * logit_scale
     labels_M = torch.arange(logits_MM.shape[0], device=logits_MM.device)
     return (F.cross_entropy(logits_MM, labels_M) + F.cross_entropy(logits_MM.T, labels_M)) / 2
-
-
-def step_generator(seed: int, step: int, rank: int, micro_step: int = 0) -> torch.Generator:
-    """A CPU generator whose stream depends only on (seed, step, rank, micro-batch index in the step)."""
-    digest = hashlib.sha256(f"sea/{seed}/{step}/{rank}/{micro_step}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
 def sample_labels(
@@ -221,8 +215,6 @@ class SeaConfig:
     """learn the logit scale (paper: learnable); False keeps 1/init_temperature"""
     max_logit_scale: float = 100.0
     """clamp of the logit scale 1/tau, as in CLIP"""
-    seed: int = 0
-    """seed of the sampling generator (combined with step and rank)"""
 
 
 class SeaObjective(Objective):
@@ -238,12 +230,11 @@ class SeaObjective(Objective):
         # vocab-independent lookup tables: kept off the state dict, rebuilt from the cache at build time
         self.register_buffer("word_tokens_WS", tokens_WS, persistent=False)
         self.register_buffer("word_ok_W", (tokens_WS >= 0).any(1), persistent=False)
-        self.register_buffer("step_counter", torch.zeros((), dtype=torch.int64))
         self.needs = Needs()
 
     @classmethod
     def build(cls, cfg: SeaConfig, ctx: ObjectiveContext) -> SeaObjective:
-        from pipeline.shards import read_wordlist
+        from visalign.shards import read_wordlist
 
         if ctx.shards_root is None or ctx.tokenizer is None:
             raise ValueError(
@@ -253,7 +244,7 @@ class SeaObjective(Objective):
         manifest = ctx.manifest
         sha = manifest.wordlist.sha256 if manifest is not None else None
         # no cache dir given: the model cache ($VISALIGN_CACHE), so 41k words are not re-tokenised every run
-        from trainer.models.llm import default_cache_dir
+        from visalign.cache import default_cache_dir
 
         tokens_WS = cached_word_tokens(words, ctx.tokenizer, ctx.cache_dir or default_cache_dir(), sha)
         grid = tuple(manifest.encoder.patch_grid) if manifest is not None else None
@@ -266,23 +257,18 @@ class SeaObjective(Objective):
     def scale(self) -> torch.Tensor:
         return self.logit_scale.exp().clamp(max=self.cfg.max_logit_scale)
 
-    def draw(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def draw(
+        self, batch: dict[str, Any], step: StepContext
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Steps 1-3 for this batch (CPU, reproducible): batch index, patch index, word id of each pair."""
         labels_BPK = batch["labels_BPK"].detach().cpu().long()
         scores_BPK = batch["scores_BPK"].detach().cpu()
         if self.cfg.top_k:
             labels_BPK, scores_BPK = labels_BPK[..., : self.cfg.top_k], scores_BPK[..., : self.cfg.top_k]
-        step = batch.get("step")
-        if step is None:
-            step = int(self.step_counter)
-            if self.training:  # evaluation passes must not shift the training draws
-                self.step_counter += 1
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        # micro-batches of one accumulation window share batch["step"]; the loop may tell them apart
-        generator = step_generator(self.cfg.seed, int(step), rank, int(batch.get("micro_step", 0) or 0))
+        generator = step.generator("sea")
         word_ok_W = self.word_ok_W.cpu()
         if labels_BPK.numel() and int(labels_BPK.max()) >= word_ok_W.shape[0]:
-            raise ValueError(
+            raise ShardFormatError(
                 f"label id {int(labels_BPK.max())} but the word list has {word_ok_W.shape[0]} words: the "
                 "shards and the word list the objective was built from disagree"
             )
@@ -291,9 +277,11 @@ class SeaObjective(Objective):
         grid = self.grid_hw or _square(num_patches)
         return sample_pairs(labels_BPK, scores_BPK, grid, self.cfg.window, generator, eligible_BPK)
 
-    def forward(self, batch: dict[str, Any], out: Any) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    def forward(
+        self, batch: dict[str, Any], out: Any, step: StepContext
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         v_BPd = out.visual_BPd
-        b_M, p_M, word_M = (t.to(v_BPd.device) for t in self.draw(batch))
+        b_M, p_M, word_M = (t.to(v_BPd.device) for t in self.draw(batch, step))
         scale = self.scale()
         num_pairs = int(word_M.shape[0])
         report = {"sea/pairs": float(num_pairs), "sea/temperature": float(1.0 / scale.detach())}

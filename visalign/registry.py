@@ -9,9 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from visalign.errors import VisalignError
 
-class UnknownNameError(KeyError):
-    """An unknown registry name; ``str()`` is the plain message (KeyError would repr-quote it)."""
+
+class UnknownNameError(VisalignError, KeyError):
+    """An unknown registry name (a user error; also a KeyError, as for any mapping lookup); ``str()`` is the
+    plain message (KeyError would repr-quote it)."""
 
     def __str__(self) -> str:
         return str(self.args[0])

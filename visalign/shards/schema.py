@@ -1,4 +1,7 @@
-"""The on-disk contract between ``pipeline`` (writer) and ``trainer`` (reader). Documented in docs/shards.md.
+"""The schema of the on-disk contract between ``pipeline`` and ``trainer``: names, manifest, version.
+
+Documented in docs/shards.md. The one writer is ``visalign.shards.writer``, the one reader
+``visalign.shards.reader``; this module only says what the files are called and what the manifest holds.
 
 Layout of an output root ``OUT/``::
 
@@ -21,29 +24,25 @@ Each sample in a shard (``__key__`` = sample id, made tar-safe):
 Letters: P patches, D feature width, K top-k slots.
 
 Bump ``SCHEMA_VERSION`` on any change a reader must know about; readers refuse other versions with a message.
-Only numpy/json here: the trainer imports this on nodes without Dask or FAISS. Never unpickle.
+Only the standard library here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import io
-import json
-import os
-import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from visalign.errors import VisalignError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 WORDLIST = "wordlist.txt"
 REJECTS = "rejects.parquet"
 CONFIG = "config.yaml"
+SETTINGS = "settings.json"
 SHARD_PATTERN = "shard-{:06d}.tar"
+SIDECAR_PATTERN = "shard-{:06d}.json"
 
 FEAT = "feat.npy"
 LABELS = "labels.npy"
@@ -52,26 +51,8 @@ META = "json"
 EXPERT_PREFIX = "expert."  # expert.<name>.npy
 
 
-class ShardFormatError(ValueError):
+class ShardFormatError(VisalignError):
     """Shards this version cannot read, or a manifest that contradicts what a run expects."""
-
-
-def encode_npy(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
-    return buf.getvalue()
-
-
-def decode_npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclasses.dataclass
@@ -87,6 +68,10 @@ class EncoderInfo:
     joint_dim: int
     path: str | None = None
     feature_dtype: str = "float16"
+    preprocess: dict[str, Any] | None = None
+    """how images became pixels: ``image_size``, ``mean``, ``std``, ``resize_mode`` (shortest | squash),
+    ``crop_rounding`` (floor | round), ``resample`` (bicubic); lets eval pictures and exports reproduce it
+    without the tower"""
 
 
 @dataclasses.dataclass
@@ -161,70 +146,9 @@ class Manifest:
         return cls(**data)
 
 
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write-then-rename so a reader never sees half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def shard_name(index: int) -> str:
+    return SHARD_PATTERN.format(index)
 
 
-def write_manifest(root: str | Path, manifest: Manifest) -> Path:
-    path = Path(root) / MANIFEST
-    write_json_atomic(path, manifest.to_dict())
-    return path
-
-
-def read_manifest(root: str | Path) -> Manifest:
-    root = Path(root)
-    path = root / MANIFEST
-    if not path.is_file():
-        raise ShardFormatError(
-            f"{root} has no {MANIFEST}: it is not a finished `pipeline label` output "
-            "(run or rerun `pipeline label --shards {root}` to complete it)"
-        )
-    with open(path, encoding="utf-8") as f:
-        return Manifest.from_dict(json.load(f))
-
-
-def read_wordlist(root: str | Path) -> list[str]:
-    """The words the label ids index into (line i = id i)."""
-    with open(Path(root) / WORDLIST, encoding="utf-8") as f:
-        return f.read().split("\n")[:-1]
-
-
-def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
-    """Raw tar members (bytes) -> arrays + metadata. Keys keep their contract names without extension."""
-    out: dict[str, Any] = {"__key__": raw["__key__"]}
-    for key, value in raw.items():
-        if key.endswith(".npy"):
-            out[key[: -len(".npy")]] = decode_npy(value)
-        elif key == META:
-            out["meta"] = json.loads(value)
-    return out
-
-
-def iter_tar(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Decoded samples of one shard, in order; for tests, `pipeline info/show` and debugging.
-
-    The trainer streams the same members through ``trainer.data.shards`` (sample-range reads for its split).
-    """
-    with tarfile.open(path, "r") as tar:
-        current: dict[str, Any] | None = None
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.partition(".")
-            if current is not None and current["__key__"] != key:
-                yield decode_sample(current)
-                current = None
-            if current is None:
-                current = {"__key__": key}
-            f = tar.extractfile(member)
-            current[ext] = f.read() if f else b""
-        if current is not None:
-            yield decode_sample(current)
+def sidecar_name(index: int) -> str:
+    return SIDECAR_PATTERN.format(index)

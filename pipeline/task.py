@@ -1,16 +1,16 @@
-"""The pure per-shard labelling function and its config.
+"""The pure per-shard labelling function: one input partition -> one output shard.
 
 ``label_shard(task, cfg) -> stats`` turns one input partition (a list of ``pipeline.sources`` items) into one
-output shard ``OUT/shard-NNNNNN.tar`` plus its stats sidecar ``OUT/shard-NNNNNN.json``. It is what Dask maps
-(``pipeline.run``), what ``--scheduler synchronous`` calls in-process, and what tests call directly.
+output shard ``OUT/shard-NNNNNN.tar`` plus its stats sidecar ``OUT/shard-NNNNNN.json``, written through the
+contract's one writer (``visalign.shards.ShardWriter``). It is what Dask maps (``pipeline.driver``), what
+``--scheduler synchronous`` calls in-process, and what tests call directly.
 
 Per shard: images are decoded, validated and preprocessed in a thread pool that runs ahead of the model
 (bounded prefetch), so the forward pass does not wait on JPEG decoding; each batch goes through ONE encoder
 forward giving the LLaVA features (hidden layer ``feature_layer``) and the joint-space patch embeddings; the
 latter are searched against the cached word embeddings (``pipeline.search``). Optional expert encoders add
-their own features. Samples stream into ``shard-NNNNNN.tar.tmp``, which is fsynced and renamed, and only
-then is the sidecar (with the tar's sha256 and the shard's rejects) written: a shard is complete iff both
-exist and the checksum matches.
+their own features. A sample that cannot be serialised is a reject like an undecodable image; the shard is
+complete only once the writer has renamed it and written its sidecar (sha256, rejects, timings).
 
 Models and the word index are loaded once per process (``_CACHE``), keyed by their spec: tasks carry only
 paths and settings, never weights.
@@ -20,11 +20,7 @@ Letters: B batch, P patches, D feature width, E joint width, K top-k slots, N wo
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import io
 import json
-import os
 import tarfile
 import threading
 import time
@@ -32,77 +28,14 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-from pipeline import shards as S
-
-
-@dataclasses.dataclass
-class LabelConfig:
-    encoder: str
-    """vision encoder registry name (tiny-clip, tiny-siglip, clip, siglip, random-vit-b16)"""
-    input: str
-    """a LLaVA-format JSON, a folder of images (+ same-stem .txt captions) or img2dataset-style .tar shards"""
-    shards: str
-    """output folder OUT for shard-*.tar, manifest.json, wordlist.txt, rejects.parquet, config.yaml"""
-    images: str | None = None
-    """image root for a LLaVA JSON's relative image paths (default: the JSON's folder)"""
-    backend: str | None = None
-    """encoder backend: hf or open_clip (default: the encoder's own default)"""
-    encoder_path: str | None = None
-    """local checkpoint folder/file for the encoder (default: the registry's)"""
-    feature_layer: int = -2
-    """hidden-state index cached as feat.npy (HF indexing: -1 last block, -2 LLaVA's second-to-last)"""
-    wordlist: str | None = None
-    """newline-separated word list (default: the shipped wordlists/english-41k.txt)"""
-    lowercase: bool = True
-    """lowercase the word list while normalising it"""
-    templates: list[str] = dataclasses.field(default_factory=list)
-    """prompt templates with {} for the word, e.g. 'a photo of a {}.' (averaged); empty = the bare word"""
-    top_k: int = 10
-    """labels kept per patch"""
-    score: Literal["cos", "neg-cos"] = "cos"
-    """label score: cos, or neg-cos (SEA's choice for CLIP, following CLIP Surgery)"""
-    dense: str = "none"
-    """dense joint-space patch features: none, or maskclip (CLIP towers only)"""
-    text_context: int | None = None
-    """truncate the CLIP text context to this many tokens (faster word embeddings for short words)"""
-    experts: list[str] = dataclasses.field(default_factory=list)
-    """extra expert encoders whose features are cached as expert.<name>.npy (comma-separated names)"""
-    expert_feature_layer: int = -2
-    """hidden-state index of the expert encoders' features"""
-    scheduler: str = "local"
-    """synchronous (in-process), local (a LocalCluster of --workers processes) or a tcp://host:port address"""
-    workers: int = 2
-    """worker processes of the local scheduler (one per GPU on GPU nodes)"""
-    samples_per_shard: int = 1000
-    """input samples per output shard (rejects count: shard membership never depends on validity)"""
-    batch_size: int = 32
-    """images per encoder forward"""
-    device: str = "auto"
-    """auto (cuda if available), cpu or cuda"""
-    search_backend: str = "auto"
-    """top-k search: auto (faiss if installed), faiss or torch"""
-    decode_threads: int = 4
-    """threads decoding and preprocessing images ahead of the forward, per worker"""
-    max_image_pixels: int = 100_000_000
-    """images with more pixels are rejected as decompression bombs"""
-    overwrite: bool = False
-    """clear an OUT made with different settings instead of refusing"""
-    cache_dir: str | None = None
-    """cache of models and word embeddings (default: $VISALIGN_CACHE or ~/.cache/visalign)"""
-    progress: bool = True
-    """show progress bars"""
-
-
-def shard_name(index: int) -> str:
-    return S.SHARD_PATTERN.format(index)
-
-
-def sidecar_path(out: str | Path, index: int) -> Path:
-    return Path(out) / (Path(shard_name(index)).stem + ".json")
+from pipeline.config import LabelConfig
+from visalign import shards as S
+from visalign.config import ConfigError
+from visalign.errors import InputError
 
 
 def resolve_device(device: str) -> str:
@@ -111,9 +44,9 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA device is visible here; use --device cpu or auto")
+        raise ConfigError(f"--device {device}: no CUDA device is visible here; use --device cpu or auto")
     if device != "cpu" and not device.startswith("cuda"):
-        raise ValueError(f"--device {device!r}: use auto, cpu or cuda")
+        raise ConfigError(f"--device {device!r}: use auto, cpu or cuda")
     return device
 
 
@@ -179,8 +112,7 @@ def encoder_options(cfg: LabelConfig) -> dict[str, Any]:
 # ---- decoding ahead of the model ------------------------------------------------------------------------
 def _decode_item(item: dict[str, Any], tar_bytes: dict[str, bytes], preprocessors: list, max_pixels: int):
     """One item -> ``(item, [pixels per encoder], meta)`` or ``(item, None, reason)``; runs in a thread."""
-    from pipeline.images import RejectError, load_image
-    from pipeline.sources import TAR_SEP
+    from visalign.images import TAR_SEP, RejectError, load_image
 
     if item.get("reject"):
         return item, None, item["reject"]
@@ -240,17 +172,6 @@ def _prefetch(fn, items: list, num_threads: int, window: int) -> Iterator:
             yield result
 
 
-# ---- tar writing -----------------------------------------------------------------------------------------
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0  # fixed header fields: the same content gives the same bytes and sha256 on every run
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
-
-
 def label_shard(task: dict[str, Any], cfg: LabelConfig) -> dict[str, Any]:
     """Label one input partition into ``OUT/shard-NNNNNN.tar`` + sidecar; return the sidecar's stats.
 
@@ -259,7 +180,7 @@ def label_shard(task: dict[str, Any], cfg: LabelConfig) -> dict[str, Any]:
     """
     import torch
 
-    from pipeline.sources import TAR_SEP, read_tar_members, sample_key
+    from visalign.images import TAR_SEP, read_tar_members
 
     t_start = time.perf_counter()
     out = Path(task["out"])
@@ -268,7 +189,7 @@ def label_shard(task: dict[str, Any], cfg: LabelConfig) -> dict[str, Any]:
     opts = encoder_options(cfg)
     enc = get_encoder(cfg.encoder, cfg.backend, cfg.encoder_path, device, cfg.cache_dir, **opts)
     if task.get("fingerprint") and enc.fingerprint() != task["fingerprint"]:
-        raise RuntimeError(
+        raise InputError(
             f"worker loaded {cfg.encoder} with fingerprint {enc.fingerprint()[:12]}, the driver has "
             f"{task['fingerprint'][:12]}: workers must see the same weights/cache as the driver"
         )
@@ -292,13 +213,10 @@ def label_shard(task: dict[str, Any], cfg: LabelConfig) -> dict[str, Any]:
 
     preprocessors = [enc.preprocess] + [e.preprocess for e in experts]
     rejects: list[dict[str, str]] = []
-    num_samples = 0
     timing = {"forward_s": 0.0, "search_s": 0.0, "wait_s": 0.0}
-    final = out / shard_name(index)
-    tmp = final.with_name(final.name + ".tmp")
     autocast = device.startswith("cuda")
 
-    def flush(batch: list[tuple[dict, list, dict]], tar: tarfile.TarFile) -> None:
+    def flush(batch: list[tuple[dict, list, dict]], writer: S.ShardWriter) -> None:
         t0 = time.perf_counter()
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=autocast):
             pixels_BCHW = torch.stack([b[1][0] for b in batch]).to(device)
@@ -323,89 +241,51 @@ def label_shard(task: dict[str, Any], cfg: LabelConfig) -> dict[str, Any]:
         t2 = time.perf_counter()
         timing["forward_s"] += t1 - t0
         timing["search_s"] += t2 - t1
-        for b, (_item, _px, meta) in enumerate(batch):
-            key = sample_key(meta["id"])
-            _add_member(tar, f"{key}.{S.FEAT}", S.encode_npy(feats_BPD[b]))
-            _add_member(tar, f"{key}.{S.LABELS}", S.encode_npy(labels_BPK[b].astype(np.int32)))
-            _add_member(tar, f"{key}.{S.SCORES}", S.encode_npy(scores_BPK[b]))
-            for name, ef in zip(cfg.experts, expert_feats):
-                _add_member(tar, f"{key}.{S.EXPERT_PREFIX}{name}.npy", S.encode_npy(ef[b]))
-            _add_member(tar, f"{key}.{S.META}", json.dumps(meta, ensure_ascii=False).encode("utf-8"))
+        for b, (item, _px, meta) in enumerate(batch):
+            experts_b = {name: ef[b] for name, ef in zip(cfg.experts, expert_feats)}
+            try:
+                writer.write(
+                    S.sample_key(meta["id"]), feats_BPD[b], labels_BPK[b], scores_BPK[b], meta, experts_b
+                )
+            except S.SampleEncodeError as err:
+                reject(item, str(err))
+
+    position = {id(item): i for i, item in enumerate(items)}
+
+    def reject(item: dict[str, Any], reason: str) -> None:
+        rejects.append(
+            {"id": item["id"], "source": item["source"], "reason": reason, "_position": position[id(item)]}
+        )
 
     window = max(2 * cfg.batch_size, 2 * cfg.decode_threads)
-    with open(tmp, "wb") as raw:
-        with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            batch: list = []
-            decoded = _prefetch(
-                lambda it: _decode_item(it, tar_bytes, preprocessors, cfg.max_image_pixels),
-                items,
-                cfg.decode_threads,
-                window,
-            )
-            while True:
-                t0 = time.perf_counter()
-                result = next(decoded, None)
-                timing["wait_s"] += time.perf_counter() - t0
-                if result is None:
-                    break
-                item, pixels, meta_or_reason = result
-                if pixels is None:
-                    rejects.append({"id": item["id"], "source": item["source"], "reason": meta_or_reason})
-                    continue
-                batch.append((item, pixels, meta_or_reason))
-                num_samples += 1
-                if len(batch) == cfg.batch_size:
-                    flush(batch, tar)
-                    batch = []
-            if batch:
-                flush(batch, tar)
-        raw.flush()
-        os.fsync(raw.fileno())
-    sha = S.sha256_file(tmp)
-    os.replace(tmp, final)  # the final name only ever points at a complete, fsynced tar
-    _fsync_dir(out)
-    stats = {
-        "name": final.name,
-        "index": index,
-        "num_items": len(items),
-        "num_samples": num_samples,
-        "num_rejects": len(rejects),
-        "sha256": sha,
-        "rejects": rejects,
-        "timing": {k: round(v, 4) for k, v in timing.items()}
-        | {"wall_s": round(time.perf_counter() - t_start, 4)},
-    }
-    S.write_json_atomic(sidecar_path(out, index), stats)
-    return stats
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def shard_is_complete(out: str | Path, index: int) -> dict[str, Any] | None:
-    """The sidecar's stats if shard ``index`` is complete (tar present, sidecar present, checksum matches)."""
-    final = Path(out) / shard_name(index)
-    side = sidecar_path(out, index)
-    if not (final.is_file() and side.is_file()):
-        return None
-    try:
-        stats = json.loads(side.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, OSError):
-        return None
-    if not isinstance(stats, dict) or stats.get("sha256") != S.sha256_file(final):
-        return None
-    return stats
-
-
-def config_digest(settings: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+    with S.ShardWriter(out, index) as writer:
+        batch: list = []
+        decoded = _prefetch(
+            lambda it: _decode_item(it, tar_bytes, preprocessors, cfg.max_image_pixels),
+            items,
+            cfg.decode_threads,
+            window,
+        )
+        while True:
+            t0 = time.perf_counter()
+            result = next(decoded, None)
+            timing["wait_s"] += time.perf_counter() - t0
+            if result is None:
+                break
+            item, pixels, meta_or_reason = result
+            if pixels is None:
+                reject(item, meta_or_reason)
+                continue
+            batch.append((item, pixels, meta_or_reason))
+            if len(batch) == cfg.batch_size:
+                flush(batch, writer)
+                batch = []
+        if batch:
+            flush(batch, writer)
+        timing_s = {k: round(v, 4) for k, v in timing.items()}
+        timing_s["wall_s"] = round(time.perf_counter() - t_start, 4)
+        # rejects are listed in input order whatever the moment they were found (decode vs serialisation)
+        rejects.sort(key=lambda r: r.pop("_position"))
+        return writer.close(
+            {"num_items": len(items), "num_rejects": len(rejects), "rejects": rejects, "timing": timing_s}
+        )

@@ -1,6 +1,6 @@
 """``evaluate_batches`` and ``trainer eval``/``compare`` on tiny synthetic shards with the real tiny LLM.
 
-The shards are written here with ``pipeline.shards`` helpers (3 samples, 2 x 2 patches, 8-d features) and
+The shards are written here with ``visalign.shards`` helpers (3 samples, 2 x 2 patches, 8-d features) and
 point at real photos; every pooled value is checked against a direct recomputation, sample by sample.
 Letters: B batch, P patches, D feature width, d LLM width, K label slots, W words, N vocabulary.
 """
@@ -8,9 +8,7 @@ Letters: B batch, P patches, D feature width, d LLM width, K label slots, W word
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import shards as S
+from trainer.evaluate import measure as Me
 from trainer.evaluate import metrics as M
-from trainer.evaluate import runner as R
+from trainer.evaluate import report as R
+from visalign import shards as S
 
 WORDS = ["cat", "dog", "sky", "red", "tree", "car", "flag", "helmet", "white", "blue", "photo", "zzqx"]
 GRID, DIM, K = (2, 2), 8, 10
@@ -28,14 +27,13 @@ CAPTIONS = ["A red car under a blue sky.", "A white cat and a dog.", "A flag nea
 
 
 def write_shards(root: Path, photo_json: Path, num: int = 3, seed: int = 0) -> Path:
-    """A finished label root: wordlist.txt, one shard of ``num`` samples, manifest.json."""
+    """A finished label root through the contract's writer: wordlist.txt, one shard of ``num`` samples."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
-    (root / S.WORDLIST).write_text("\n".join(WORDS) + "\n")
+    S.write_wordlist(WORDS, root / S.WORDLIST)
     images = photo_json.parent / "images"
     P = GRID[0] * GRID[1]
-    tar_path = root / S.SHARD_PATTERN.format(0)
-    with tarfile.open(tar_path, "w") as tar:
+    with S.ShardWriter(root, 0) as writer:
         for i in range(num):
             labels = np.full((P, K), -1, np.int32)
             scores = np.full((P, K), -np.inf, np.float16)
@@ -44,25 +42,17 @@ def write_shards(root: Path, photo_json: Path, num: int = 3, seed: int = 0) -> P
                 labels[p, :n] = rng.choice(len(WORDS) - 1, n, replace=False)
                 scores[p, :n] = np.sort(rng.random(n))[::-1]
             source = images / ("cat.jpg" if i != 1 else "gone.jpg")  # sample 1's image is missing
-            members = {
-                S.FEAT: S.encode_npy(rng.standard_normal((P, DIM)).astype(np.float16)),
-                S.LABELS: S.encode_npy(labels),
-                S.SCORES: S.encode_npy(scores),
-                S.META: json.dumps(
-                    {"id": f"s{i}", "source": str(source), "caption": CAPTIONS[i % 3]}
-                ).encode(),
-            }
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"s{i}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+            feat = rng.standard_normal((P, DIM)).astype(np.float16)
+            meta = {"id": f"s{i}", "source": str(source), "caption": CAPTIONS[i % 3]}
+            writer.write(f"s{i}", feat, labels, scores, meta)
+        stats = writer.close()
     manifest = S.Manifest(
         encoder=S.EncoderInfo("tiny-clip", "open_clip", "f" * 64, 32, -2, list(GRID), DIM, 16),
-        wordlist=S.WordlistInfo("test", "0" * 64, len(WORDS)),
+        wordlist=S.WordlistInfo("test", S.wordlist_sha256(WORDS), len(WORDS)),
         templates=[],
         score_sign="cos",
         top_k=K,
-        shards=[S.ShardInfo(tar_path.name, num, S.sha256_file(tar_path))],
+        shards=[S.ShardInfo(stats["name"], num, stats["sha256"])],
         num_samples=num,
         num_rejects=0,
     )
@@ -131,14 +121,14 @@ def _direct(model, tok, batch, targets_Wd, ok_W, layer):
 
 def test_evaluate_batches_equals_direct_recomputation(tiny, shards):
     model, tok = tiny
-    samples = R.first_samples(shards, 3)
+    samples = Me.first_samples(shards, 3)
     assert [s["__key__"] for s in samples] == ["s0", "s1", "s2"]
     E = model.llm.get_input_embeddings().weight.detach()
-    targets_Wd, ok_W = R.word_targets(WORDS, tok, E)
+    targets_Wd, ok_W = Me.word_targets(WORDS, tok, E)
     is_word_N = M.word_token_mask(tok, WORDS, E.shape[0])
     assert is_word_N.sum() >= 5  # the tiny tokenizer knows common words as single tokens
 
-    result = R.evaluate_batches(
+    result = Me.evaluate_batches(
         model,
         None,
         _batches(tok, samples, 2),
@@ -167,16 +157,16 @@ def test_evaluate_batches_equals_direct_recomputation(tiny, shards):
         for name in ("hit@1", "hit@10", "meaningful_share", "consistency"):
             expected = np.mean([v[name] for v in per_sample])  # equal weights: 3 labelled / 4 tokens each
             assert result["per_layer"][layer][name] == pytest.approx(expected, abs=1e-5), (layer, name)
-    flat = R.flat_report(result)
+    flat = Me.flat_report(result)
     assert flat["eval/hit@1/l0"] == result["per_layer"][0]["hit@1"]
 
 
 def test_projector_set_to_word_targets_scores_one(tiny, shards):
     """Visual tokens made exactly the top label's SEA target: hit@1 = 1 at layer 0."""
     model, tok = tiny
-    samples = R.first_samples(shards, 3)
+    samples = Me.first_samples(shards, 3)
     E = model.llm.get_input_embeddings().weight.detach()
-    targets_Wd, ok_W = R.word_targets(WORDS, tok, E)
+    targets_Wd, ok_W = Me.word_targets(WORDS, tok, E)
 
     class Fixed(torch.nn.Module):
         def forward(self, batch, needs):
@@ -189,7 +179,7 @@ def test_projector_set_to_word_targets_scores_one(tiny, shards):
     fixed = Fixed()
     fixed.llm = model.llm
     fixed.dummy = torch.nn.Parameter(torch.zeros(1))
-    res = R.evaluate_batches(
+    res = Me.evaluate_batches(
         fixed,
         None,
         _batches(tok, samples, 3),
@@ -202,34 +192,13 @@ def test_projector_set_to_word_targets_scores_one(tiny, shards):
 
 
 def write_run(run: Path, shards: Path, seed: int, objective: str = "sea+distill") -> Path:
-    """A run folder in the checkpoint layout of trainer/checkpoint.py, weights from a fixed seed (no training:
-    evaluation only reads the layout)."""
-    from safetensors.torch import save_file
+    """A real run folder: one `trainer run` step of ``objective`` (checkpoint at step 1)."""
+    from trainer.cli import parse_run_args
+    from trainer.train import run as train
 
-    from pipeline.config import to_dict, write_resolved
-    from trainer.checkpoint import MODEL, OBJECTIVES, STATE, step_dir
-    from trainer.config import TrainConfig
-    from trainer.models.llm import load_llm
-    from trainer.models.projector import build_projector
-    from trainer.objectives import ObjectiveContext, build_objectives
-
-    cfg = TrainConfig(shards=str(shards), output=str(run), objective=objective)
-    cfg.model.llm = "tiny-llm"
-    write_resolved(cfg, run / "config.yaml")
-    llm, tok = load_llm("tiny-llm")
-    torch.manual_seed(seed)
-    projector = build_projector(cfg.model.projector, DIM, llm.config.hidden_size)
-    ctx = ObjectiveContext(
-        llm.config, cfg.model.projector, DIM, S.read_manifest(shards), str(shards), tok,
-        llm.get_input_embeddings().weight,
-    )  # fmt: skip
-    objectives = build_objectives(objective, cfg.objectives, ctx)
-    ckpt = step_dir(run, 7)
-    ckpt.mkdir(parents=True)
-    save_file({f"projector.{k}": v.contiguous() for k, v in projector.state_dict().items()}, ckpt / MODEL)
-    save_file({k: v.contiguous() for k, v in objectives.state_dict().items()}, ckpt / OBJECTIVES)
-    state = {"step": 7, "stage": "pretrain", "feature_dim": DIM, "config": to_dict(cfg)}
-    (ckpt / STATE).write_text(json.dumps(state))
+    args = ["--shards", str(shards), "--output", str(run), "--llm", "tiny-llm", "--objective", objective]
+    args += ["--seed", str(seed), "--max-steps", "1", "--batch-size", "2", "--logging.tensorboard", "false"]
+    train(parse_run_args(args + ["--logging.progress", "false", "--data.shuffle_buffer", "1"]))
     return run
 
 
@@ -244,11 +213,11 @@ def test_trainer_eval_writes_metrics_and_pictures(tiny, shards, tmp_path):
     payload = R.run_eval(cfg)
     out = Path(cfg.out)
     data = json.loads((out / "metrics.json").read_text())
-    assert data["checkpoint_step"] == 7 and data["num_layers"] == 2 and data["counts"]["samples"] == 1
+    assert data["checkpoint_step"] == 1 and data["num_layers"] == 2 and data["counts"]["samples"] == 1
     assert sorted(data["per_layer"]) == ["0", "1", "2"]
     for row in data["per_layer"].values():
         assert set(row) == {"hit@1", "hit@10", "meaningful_share", "consistency"}
-    assert set(data["reverse_cosine"]) == {"encoder"}
+    assert set(data["objectives"]) == {"distill/reverse_cos/encoder"}
     names = ["words-s0-l0.png", "words-s0-l1.png", "words-s0-l2.png", "curves.png"]
     assert payload["pictures"] == names
     for name in names:
@@ -259,11 +228,11 @@ def test_trainer_eval_writes_metrics_and_pictures(tiny, shards, tmp_path):
     # the same numbers, recomputed directly from the checkpoint's projector for the one sample
     from trainer.checkpoint import load_tensors as load
 
-    weights = load(step_dir(run, 7))
+    weights = load(step_dir(run, 1))
     model.projector.load_state_dict({k[len("projector.") :]: v for k, v in weights.items()})
     E = model.llm.get_input_embeddings().weight.detach()
-    targets_Wd, ok_W = R.word_targets(WORDS, tok, E)
-    batch = _batches(tok, R.first_samples(shards, 1), 1)[0]
+    targets_Wd, ok_W = Me.word_targets(WORDS, tok, E)
+    batch = _batches(tok, Me.first_samples(shards, 1), 1)[0]
     for layer in (0, 1, 2):
         vals, _ = _direct(model, tok, batch, targets_Wd, ok_W, layer)
         for name, value in vals.items():
@@ -273,13 +242,13 @@ def test_trainer_eval_writes_metrics_and_pictures(tiny, shards, tmp_path):
     from trainer.models.vlm import Needs
 
     rev = build_projector("mlp2x_gelu", model.llm.config.hidden_size, DIM, reverse=True)
-    obj_state = load_tensors(step_dir(run, 7), OBJECTIVES)
+    obj_state = load_tensors(step_dir(run, 1), OBJECTIVES)
     prefix = "distill.reverse.encoder."
     rev.load_state_dict({k[len(prefix) :]: v for k, v in obj_state.items() if k.startswith(prefix)})
     with torch.no_grad():
         h = model(batch, needs=Needs(hidden_layers=(2,))).hidden_BLPd[2]
         expected = M.reverse_cosine(rev(h), batch["feats_BPD"])
-    assert data["reverse_cosine"]["encoder"] == pytest.approx(expected, abs=1e-5)
+    assert data["objectives"]["distill/reverse_cos/encoder"] == pytest.approx(expected, abs=1e-5)
 
 
 def test_trainer_compare_puts_two_runs_side_by_side(shards, tmp_path, cache_dir):
@@ -299,7 +268,7 @@ def test_trainer_compare_puts_two_runs_side_by_side(shards, tmp_path, cache_dir)
     md = (out / "metrics.md").read_text().splitlines()
     assert md[2] == "| measure | llava | sea |"
     assert any(line.startswith("| hit@1 @ l0 |") for line in md)
-    assert any(line.startswith("| reverse cos (encoder) | nan |") for line in md)  # run A has no distill
+    assert any(line.startswith("| distill/reverse_cos/encoder | nan |") for line in md)  # A has no distill
     runs = json.loads((out / "metrics.json").read_text())["runs"]
     assert [r["counts"]["samples"] for r in runs] == [3, 3]
 
@@ -313,7 +282,11 @@ def test_cli_eval_and_its_errors(shards, tmp_path, capsys):
     assert main(argv + ["--pictures", "1", "--device", "cpu"]) == 0
     assert capsys.readouterr().out.strip() == str(out / "metrics.json")
     assert sorted(p.name for p in out.glob("*.png")) == ["curves.png", "words-s0-l0.png", "words-s0-l1.png"]
-    assert json.loads((out / "metrics.json").read_text())["reverse_cosine"] == {}  # no distill in this run
-    with pytest.raises(SystemExit) as err:
-        main(["eval", str(run), "--shards", str(shards), "--out", str(out), "--layers", "5"])
-    assert err.value.code == 2 and "layers 0..2" in capsys.readouterr().err
+    assert json.loads((out / "metrics.json").read_text())["objectives"] == {}  # no distill in this run
+    assert main(["eval", str(run), "--shards", str(shards), "--out", str(out), "--layers", "5"]) == 3
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert errors == ["trainer eval: error: --layers 5: the LLM has layers 0..2 (0 = projector output)"]
+    assert "Traceback" not in err
+    assert main(["eval", "--shards", str(shards), "--out", str(out)]) == 3
+    assert "trainer eval RUN" in capsys.readouterr().err

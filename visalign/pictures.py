@@ -2,8 +2,8 @@
 
 * ``encoder_view(source, image_size, resize_mode, crop_rounding)``: the sample's image re-read from the
   source recorded in its shard json (a path, or ``<tar>::<member>``), resized/cropped exactly as the encoder
-  saw it (the pipeline's own ``Preprocess`` geometry, from ``view_geometry``); a grey canvas when the
-  source is gone.
+  saw it (``visalign.images.Preprocess`` geometry, from ``view_geometry``); a grey canvas when the source
+  is gone.
 * ``word_grid_image(image, words_HW, status_HW)``: SEA Figure 1 style: one word centred in each patch cell,
   coloured by a status (``trainer eval``: green when the nearest word is one of the patch's CLIP labels, red
   when not, white when the patch has no label; ``pipeline show``: the top CLIP label, white).
@@ -25,55 +25,33 @@ GREY = (128, 128, 128)
 
 
 def resize_mode_for(encoder_name: str) -> str:
-    """CLIP-family towers resize the short side and centre-crop; SigLIP squashes (pipeline/encoders/hf.py)."""
+    """CLIP-family towers resize the short side and centre-crop; SigLIP squashes (their processors)."""
     return "squash" if "siglip" in encoder_name.lower() else "shortest"
 
 
 def view_geometry(manifest) -> tuple[int, str, str]:
-    """``(image_size, resize_mode, crop_rounding)`` of the shards' encoder, asked once per picture set.
+    """``(image_size, resize_mode, crop_rounding)`` of the shards' encoder.
 
-    The encoder's own ``preprocess_spec`` is exact; loading it needs the tower (cached tiny ones, local
-    weights). Where it cannot be loaded (a GPU node without open_clip, weights elsewhere) the name decides:
-    SigLIP squashes, the rest resize the short side and centre-crop with HF's floor rounding.
+    Exact from the preprocessing the manifest records (``encoder.preprocess``); manifests written before it
+    was recorded fall back to the family: SigLIP squashes, the rest resize the short side and centre-crop
+    with HF's floor rounding.
     """
     enc = manifest.encoder
-    return _geometry(enc.name, enc.backend, enc.path, int(enc.image_size))
-
-
-@functools.lru_cache(maxsize=8)
-def _geometry(name: str, backend: str, path: str | None, image_size: int) -> tuple[int, str, str]:
-    # cached: loading a real tower for its preprocessing settings takes seconds; compare asks repeatedly
-    try:
-        from pipeline.encoders import load_encoder
-
-        spec = load_encoder(name, backend=backend, path=path).preprocess_spec
-        return int(spec.image_size), spec.resize_mode, spec.crop_rounding
-    except Exception:
-        return image_size, resize_mode_for(name), "floor"
-
-
-def _read_source(source: str) -> Image.Image:
-    from pipeline.images import load_image
-    from pipeline.sources import TAR_SEP, read_tar_members
-
-    if TAR_SEP in source:
-        tar_path, member = source.split(TAR_SEP, 1)
-        data = read_tar_members(tar_path, {member}).get(member)
-        if data is None:
-            raise FileNotFoundError(f"{member} not in {tar_path}")
-        return load_image(data)[0]
-    return load_image(source)[0]
+    spec = getattr(enc, "preprocess", None)
+    if spec:
+        return int(spec["image_size"]), str(spec["resize_mode"]), str(spec["crop_rounding"])
+    return int(enc.image_size), resize_mode_for(enc.name), "floor"
 
 
 def encoder_view(
     source: str | None, image_size: int, resize_mode: str = "shortest", crop_rounding: str = "floor"
 ) -> tuple[Image.Image, bool]:
     """``(RGB image S x S as the encoder saw it, found)``; a grey S x S canvas and ``False`` if unreadable."""
-    from pipeline.encoders.base import Preprocess
+    from visalign.images import Preprocess, read_source
 
     if source:
         try:
-            img = _read_source(source)
+            img = read_source(source)
         except Exception:  # missing file, moved tar, corrupt bytes: the picture still gets drawn
             img = None
         if img is not None:

@@ -1,0 +1,349 @@
+"""The driver of ``pipeline label``: plan, prepare OUT, map ``label_shard`` over partitions, write the manifest.
+
+Input: a ``LabelConfig``. Output: a finished ``OUT/`` (layout in ``visalign.shards`` / docs/shards.md) and a
+summary dict (images, rejects, shards, images/s, wall time). ``run_label`` reads as the order of work, chosen
+so that any interruption can be resumed exactly:
+
+1. ``check_config``: fail fast on unusable settings before anything is written;
+2. ``plan``: list the inputs, load the word list and the encoders, fix the content-changing settings and the
+   partitions (input position ``i`` always goes to shard ``i // samples_per_shard``);
+3. ``prepare_out``: compare the settings with those recorded in ``OUT/settings.json`` by an earlier run and
+   refuse (listing ``field: old -> new``) unless ``--overwrite``; write ``config.yaml``, ``settings.json``,
+   ``wordlist.txt``; compute the word embeddings once (disk cache);
+4. ``pending_tasks``: keep complete shards (tar + sidecar with matching sha256), delete stale ``.tmp`` files;
+5. ``run_tasks``: run the rest ``synchronous`` in-process, on a LocalCluster (``local``) or on an existing
+   ``tcp://`` scheduler. Tasks carry paths and settings only; each worker loads the models once;
+6. ``finish``: from ALL sidecars (old and new) write ``rejects.parquet`` and, last, ``manifest.json``.
+
+Heavy imports (dask, faiss, the encoders) happen inside functions: ``pipeline --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import LabelConfig
+from visalign import __version__
+from visalign import shards as S
+from visalign.config import ConfigError, write_resolved
+from visalign.errors import InputError, VisalignError
+from visalign.hashing import digest_of
+
+LOCAL_SCHEDULERS = ("synchronous", "local")
+REMOTE_PREFIXES = ("tcp://", "tls://", "ucx://", "inproc://")
+
+
+class SettingsMismatchError(VisalignError):
+    """OUT was made with other content-changing settings."""
+
+
+@dataclasses.dataclass
+class LabelPlan:
+    """Everything ``run_label`` decides before it writes anything."""
+
+    cfg: LabelConfig
+    out: Path
+    input_kind: str
+    partitions: list[list[dict[str, Any]]]
+    words: list[str]
+    encoder: Any
+    encoder_info: dict[str, Any]
+    expert_infos: list[S.ExpertInfo]
+    settings: dict[str, Any]
+    """the content-changing settings: a rerun with other values is refused (or --overwrite)"""
+
+    @property
+    def digest(self) -> str:
+        return digest_of(self.settings)
+
+
+def check_config(cfg: LabelConfig) -> None:
+    """One-line errors for settings that cannot work, before any slow step."""
+    from pipeline.search import SCORE_SIGNS
+
+    if cfg.score not in SCORE_SIGNS:
+        raise ConfigError(f"--score {cfg.score!r}: use one of {list(SCORE_SIGNS)}")
+    for name in ("top_k", "batch_size", "samples_per_shard", "workers", "decode_threads", "max_image_pixels"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.scheduler not in LOCAL_SCHEDULERS and not cfg.scheduler.startswith(REMOTE_PREFIXES):
+        raise ConfigError(
+            f"--scheduler {cfg.scheduler!r}: use synchronous, local or a tcp://host:port address"
+        )
+    from pipeline.encoders import ENCODERS
+
+    for name in [cfg.encoder, *cfg.experts]:
+        if name not in ENCODERS and not Path(name).is_dir():
+            ENCODERS[name]  # raises UnknownNameError listing the valid names, before any slow work
+    out = Path(cfg.shards)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--shards {out} exists and is not a folder")
+
+
+def plan(cfg: LabelConfig) -> LabelPlan:
+    """Inputs, word list, encoders and settings: everything that decides the content of OUT."""
+    from pipeline.sources import list_inputs, listing_digest, partition
+    from pipeline.task import encoder_options, get_encoder, resolve_device
+    from pipeline.wordlist import load_wordlist
+    from visalign.cache import default_cache_dir
+
+    input_path = Path(cfg.input).resolve()
+    images_root = str(Path(cfg.images).resolve()) if cfg.images else None
+    kind, items = list_inputs(input_path, images_root)
+    if not items:
+        raise InputError(f"--input {cfg.input} holds no samples")
+    words = load_wordlist(cfg.wordlist, lowercase=cfg.lowercase)
+    cfg = dataclasses.replace(cfg, cache_dir=cfg.cache_dir or str(default_cache_dir()))
+    device = resolve_device(cfg.device)
+    enc = get_encoder(
+        cfg.encoder, cfg.backend, cfg.encoder_path, device, cfg.cache_dir, **encoder_options(cfg)
+    )
+    enc_info = enc.info(cfg.feature_layer)
+    expert_infos = []
+    for name in cfg.experts:
+        info = get_encoder(name, None, None, device, cfg.cache_dir).info(cfg.expert_feature_layer)
+        expert_infos.append(
+            S.ExpertInfo(
+                name=name,
+                backend=info["backend"],
+                fingerprint=info["fingerprint"],
+                feature_layer=info["feature_layer"],
+                patch_grid=info["patch_grid"],
+                feature_dim=info["feature_dim"],
+                path=info.get("path"),
+            )
+        )
+    settings = {
+        "encoder": enc_info["name"],
+        "fingerprint": enc_info["fingerprint"],
+        "backend": enc_info["backend"],
+        "feature_layer": cfg.feature_layer,
+        "dense": cfg.dense,
+        "text_context": cfg.text_context,
+        "wordlist_sha256": S.wordlist_sha256(words),
+        "templates": list(cfg.templates),
+        "score": cfg.score,
+        "top_k": cfg.top_k,
+        "samples_per_shard": cfg.samples_per_shard,
+        "input": str(input_path),
+        "images": images_root,
+        "input_digest": listing_digest(items),
+        "experts": [[x.name, x.fingerprint, x.feature_layer] for x in expert_infos],
+        "max_image_pixels": cfg.max_image_pixels,
+    }
+    return LabelPlan(
+        cfg=cfg,
+        out=Path(cfg.shards),
+        input_kind=kind,
+        partitions=partition(items, cfg.samples_per_shard),
+        words=words,
+        encoder=enc,
+        encoder_info=enc_info,
+        expert_infos=expert_infos,
+        settings=settings,
+    )
+
+
+def _diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    lines = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            lines.append(f"  {key}: {json.dumps(old.get(key))} -> {json.dumps(new.get(key))}")
+    return lines
+
+
+def _clear_outputs(out: Path) -> None:
+    for p in out.iterdir():
+        if p.name.startswith("shard-") or p.name in (S.MANIFEST, S.REJECTS, S.WORDLIST, S.SETTINGS, S.CONFIG):
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+
+
+def check_settings(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
+    """Refuse an OUT made with other content-changing settings (or clear it with ``overwrite``)."""
+    path = out / S.SETTINGS
+    if path.is_file():
+        old = json.loads(path.read_text(encoding="utf-8")).get("settings", {})
+    elif any(out.glob("shard-*")) or (out / S.MANIFEST).exists():
+        old = {"(unknown)": "shards without settings.json"}
+    else:
+        return
+    if old == settings:
+        return
+    if overwrite:
+        _clear_outputs(out)
+        return
+    raise SettingsMismatchError(
+        f"{out} holds shards made with different settings; rerun with --overwrite to replace them, "
+        "or choose another --shards folder. Differences (field: old -> new):\n"
+        + "\n".join(_diff(old, settings))
+    )
+
+
+def prepare_out(p: LabelPlan) -> Path:
+    """Settings check, config.yaml, settings.json, wordlist.txt; returns the cached word-embeddings file."""
+    from pipeline.wordlist import cached_word_embeddings
+
+    cfg, out = p.cfg, p.out
+    out.mkdir(parents=True, exist_ok=True)
+    check_settings(out, p.settings, cfg.overwrite)
+    write_resolved(cfg, out / S.CONFIG)
+    S.write_json_atomic(out / S.SETTINGS, {"digest": p.digest, "settings": p.settings})
+    S.write_wordlist(p.words, out / S.WORDLIST)
+    emb_path = cached_word_embeddings(
+        p.encoder, p.words, cfg.templates, cfg.cache_dir, text_context=cfg.text_context, progress=cfg.progress
+    )
+    (out / S.MANIFEST).unlink(missing_ok=True)  # a root without a manifest is unfinished until we finish
+    return emb_path
+
+
+def pending_tasks(p: LabelPlan, emb_path: Path) -> tuple[list[dict[str, Any]], dict[int, dict[str, Any]]]:
+    """``(tasks to run, {index: stats} of shards already complete)``; stale ``.tmp`` files are deleted."""
+    out = p.out
+    # any .tmp is a leftover of an interrupted writer (one run per OUT at a time): never a finished file
+    for stale in out.glob("shard-*.tmp"):
+        stale.unlink(missing_ok=True)
+    done: dict[int, dict[str, Any]] = {}
+    tasks = []
+    for index, part in enumerate(p.partitions):
+        stats = S.shard_is_complete(out, index)
+        if stats is not None and stats.get("num_items") == len(part):
+            done[index] = stats
+            continue
+        (out / S.sidecar_name(index)).unlink(missing_ok=True)
+        tasks.append(
+            {
+                "index": index,
+                "items": part,
+                "out": str(out.resolve()),
+                "word_emb_path": str(emb_path),
+                "fingerprint": p.encoder_info["fingerprint"],
+            }
+        )
+    return tasks, done
+
+
+def run_tasks(tasks: list[dict], cfg: LabelConfig, on_done) -> None:
+    """Run ``label_shard`` over tasks on the configured scheduler, calling ``on_done(stats)`` as each ends."""
+    from pipeline.task import label_shard
+
+    if cfg.scheduler == "synchronous":
+        for task in tasks:
+            on_done(label_shard(task, cfg))
+        return
+    from dask.distributed import Client, LocalCluster, as_completed
+
+    cluster = None
+    if cfg.scheduler == "local":
+        cluster = LocalCluster(
+            n_workers=cfg.workers, threads_per_worker=1, processes=True, dashboard_address=":0"
+        )
+        client = Client(cluster)
+    else:
+        client = Client(cfg.scheduler, timeout="30s")
+    try:
+        # pure=False: a rerun of a task must really run; retries=1 survives one lost worker
+        futures = [
+            client.submit(label_shard, t, cfg, pure=False, retries=1, key=f"label-{t['index']}")
+            for t in tasks
+        ]
+        for fut in as_completed(futures):
+            on_done(fut.result())
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def finish(p: LabelPlan, done: dict[int, dict[str, Any]]) -> S.Manifest:
+    """rejects.parquet from every sidecar, then the manifest (last: its presence means finished)."""
+    cfg = p.cfg
+    ordered = [done[i] for i in range(len(p.partitions))]
+    rejects = [r for s in ordered for r in s["rejects"]]
+    S.write_rejects(p.out, rejects)
+    manifest = S.Manifest(
+        encoder=S.EncoderInfo(**p.encoder_info),
+        wordlist=S.WordlistInfo(
+            source=str(cfg.wordlist or "default:english-41k.txt"),
+            sha256=S.wordlist_sha256(p.words),
+            count=len(p.words),
+        ),
+        templates=list(cfg.templates),
+        score_sign=cfg.score,
+        top_k=cfg.top_k,
+        shards=[
+            S.ShardInfo(
+                name=s["name"], num_samples=s["num_samples"], sha256=s["sha256"], num_rejects=s["num_rejects"]
+            )
+            for s in ordered
+        ],
+        num_samples=sum(s["num_samples"] for s in ordered),
+        num_rejects=len(rejects),
+        experts=p.expert_infos,
+        config_digest=p.digest,
+        tool_version=__version__,
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
+    S.write_manifest(p.out, manifest)
+    return manifest
+
+
+def run_label(cfg: LabelConfig) -> dict[str, Any]:
+    """Run the whole stage; return the end-of-run summary. Raises ``VisalignError`` on unusable input."""
+    from tqdm.auto import tqdm
+
+    t_start = time.perf_counter()
+    check_config(cfg)
+    p = plan(cfg)
+    emb_path = prepare_out(p)
+    tasks, done = pending_tasks(p, emb_path)
+    num_skipped = len(done)
+
+    bar = tqdm(total=sum(len(t["items"]) for t in tasks), desc="label", unit="img", disable=not cfg.progress)
+    t_work = time.perf_counter()
+    num_new_images = num_new_rejects = 0  # this run only (resumed shards are not counted)
+
+    def on_done(stats: dict[str, Any]) -> None:
+        nonlocal num_new_images, num_new_rejects
+        done[stats["index"]] = stats
+        num_new_images += stats["num_samples"]
+        num_new_rejects += stats["num_rejects"]
+        bar.update(stats["num_items"])
+        elapsed = time.perf_counter() - t_work
+        bar.set_postfix(images_per_s=f"{num_new_images / max(elapsed, 1e-9):.2f}", rejects=num_new_rejects)
+
+    try:
+        run_tasks(tasks, p.cfg, on_done)
+    finally:
+        bar.close()
+    work_s = time.perf_counter() - t_work
+    manifest = finish(p, done)
+    return {
+        "out": str(p.out),
+        "input_kind": p.input_kind,
+        "num_images": manifest.num_samples,
+        "num_rejects": manifest.num_rejects,
+        "num_shards": len(manifest.shards),
+        "num_shards_skipped": num_skipped,
+        "num_images_this_run": num_new_images,
+        "images_per_s": num_new_images / max(work_s, 1e-9),
+        "work_s": work_s,
+        "wall_s": time.perf_counter() - t_start,
+    }
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    return (
+        f"labelled {summary['num_images']} images into {summary['num_shards']} shards "
+        f"({summary['num_shards_skipped']} already complete), {summary['num_rejects']} rejects "
+        f"-> {summary['out']}\n"
+        f"this run: {summary['num_images_this_run']} images in {summary['work_s']:.1f} s "
+        f"({summary['images_per_s']:.2f} images/s), wall time {summary['wall_s']:.1f} s"
+    )

@@ -1,0 +1,247 @@
+"""The one place a trainable model is built: from a config for training, from a checkpoint for everything else.
+
+* ``build_train_module(cfg, manifest, shards_root)``: LLM + projector + objective modules as one
+  ``TrainModule``, the stage applied (what trains), for ``trainer run``;
+* ``init_projector(module, source, ...)``: ``--init-projector`` (a stage-1 projector into a stage-2 run);
+* ``load_checkpoint_weights(module, ckpt)``: a checkpoint's trained tensors into a built module (resume);
+* ``load_trained(run_or_ckpt, ...)``: a run's model rebuilt from its checkpoint (the resolved config it records)
+  for ``trainer eval``, ``trainer export`` and the tests, optionally with its objective modules.
+
+Checkpoint tensors (``trainer/checkpoint.py``): ``model.safetensors`` holds the trainable ``VisualLM``
+parameters (``projector.*``; ``llm.*`` after a finetune stage), ``objectives.safetensors`` the objective
+modules' state (SEA's temperature, the reverse projectors).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainer import checkpoint as ckpt_io
+from trainer.objectives import ObjectiveContext, build_objectives, union_needs
+from trainer.objectives.base import StepContext
+from visalign.config import ConfigError, from_dict
+from visalign.shards import Manifest, ShardFormatError, read_manifest
+
+log = logging.getLogger(__name__)
+
+
+class TrainModule(nn.Module):
+    """VisualLM + objective modules as one module, so DDP/FSDP wrap and synchronise both."""
+
+    def __init__(self, vlm: nn.Module, objectives: nn.ModuleDict):
+        super().__init__()
+        self.vlm = vlm
+        self.objectives = objectives
+        self.needs = union_needs(objectives)
+
+    def forward(
+        self, batch: dict[str, Any], step: StepContext
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        out = self.vlm(batch, self.needs)
+        losses: dict[str, torch.Tensor] = {}
+        report: dict[str, float] = {}
+        for objective in self.objectives.values():
+            obj_losses, obj_report = objective(batch, out, step)
+            losses.update(obj_losses)
+            report.update(obj_report)
+        return losses, report
+
+
+def check_manifest_against(recorded: dict[str, Any], manifest: Manifest, what: str) -> None:
+    """Refuse shards from another encoder / word list / feature width than ``recorded`` (a checkpoint's)."""
+    pairs = [
+        ("encoder fingerprint", recorded.get("encoder", {}).get("fingerprint"), manifest.encoder.fingerprint),
+        ("word list sha256", recorded.get("wordlist", {}).get("sha256"), manifest.wordlist.sha256),
+        ("feature width", recorded.get("encoder", {}).get("feature_dim"), manifest.encoder.feature_dim),
+    ]
+    for name, theirs, ours in pairs:
+        if theirs is not None and theirs != ours:
+            raise ShardFormatError(
+                f"{what} was trained on shards with {name} {theirs}, but the shards given have {name} {ours}: "
+                "point --shards at shards of the same encoder and word list (or start a new run)"
+            )
+
+
+def load_llm_checked(cfg: Any):
+    """``load_llm`` for a TrainConfig, with a one-line error for an LLM that cannot be loaded."""
+    from trainer.models.llm import load_llm
+
+    if not cfg.model.llm:
+        raise ConfigError("no LLM given: pass --llm NAME_OR_PATH (tiny-llm, smollm2-135m or a HF folder)")
+    try:
+        return load_llm(
+            cfg.model.llm, attn_implementation=cfg.model.attn_implementation, cache_dir=cfg.model.cache_dir
+        )
+    except OSError as err:  # a hub id that is not cached offline, a broken folder
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"cannot load --llm {cfg.model.llm!r} ({first}); give a registry name "
+            "(tiny-llm, smollm2-135m) or a local HF model folder"
+        ) from err
+
+
+def objective_context(
+    cfg: Any, llm: nn.Module, tokenizer: Any, manifest: Manifest, shards_root
+) -> ObjectiveContext:
+    """What the objectives may read at build time; the same for training, evaluation and export."""
+    return ObjectiveContext(
+        llm_config=llm.config.get_text_config(),
+        projector=cfg.model.projector,
+        feature_dim=manifest.encoder.feature_dim,
+        manifest=manifest,
+        shards_root=str(shards_root) if shards_root is not None else None,
+        tokenizer=tokenizer,
+        embed_Nd=llm.get_input_embeddings().weight,
+        cache_dir=cfg.model.cache_dir,
+    )
+
+
+def build_train_module(
+    cfg: Any,
+    manifest: Manifest,
+    shards_root: str | Path | None,
+    main_process_first: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    with_objectives: bool = True,
+    apply_stage_to: str | None = None,
+) -> tuple[TrainModule, Any]:
+    """``(TrainModule, tokenizer)`` for a ``TrainConfig`` over shards described by ``manifest``.
+
+    The random initialisation (projector, then the objective modules) is drawn right after the LLM is loaded,
+    from ``cfg.seed``: the same on every rank and whether the model cache was cold or warm. ``apply_stage_to``
+    sets what trains (``trainer run``); None leaves every parameter as loaded (evaluation, export).
+    """
+    from accelerate.utils import set_seed
+
+    from trainer.models.projector import build_projector
+    from trainer.models.vlm import VisualLM, apply_stage
+
+    with main_process_first():  # the first call may build a tiny model into the cache
+        llm, tokenizer = load_llm_checked(cfg)
+    # building a registry model draws random numbers (or seeds its own): re-seed so the modules below start
+    # the same whether the cache was cold or warm, on every rank
+    set_seed(cfg.seed)
+    hidden = llm.config.get_text_config().hidden_size
+    projector = build_projector(cfg.model.projector, manifest.encoder.feature_dim, hidden)
+    vlm = VisualLM(llm, projector, gradient_checkpointing=cfg.model.gradient_checkpointing)
+    if apply_stage_to is not None:
+        apply_stage(vlm, apply_stage_to)  # logs the trainable / frozen counts
+    objectives = nn.ModuleDict()
+    if with_objectives:
+        objectives = build_objectives(
+            cfg.objective, cfg.objectives, objective_context(cfg, llm, tokenizer, manifest, shards_root)
+        )
+    return TrainModule(vlm, objectives), tokenizer
+
+
+def init_projector(module: TrainModule, source: str | Path, projector_name: str, manifest: Manifest) -> Path:
+    """``--init-projector``: a stage-1 run's projector (same architecture, shards of the same encoder)."""
+    ckpt = ckpt_io.resolve_checkpoint(source)
+    state = ckpt_io.read_state(ckpt)
+    if state.get("projector") != projector_name:
+        raise ConfigError(
+            f"--init-projector {ckpt} holds a {state.get('projector')!r} projector but this run builds "
+            f"{projector_name!r}; pass --projector {state.get('projector')}"
+        )
+    check_manifest_against(state["manifest"], manifest, f"--init-projector {ckpt}")
+    tensors = ckpt_io.load_tensors(ckpt)
+    weights = {k[len("projector.") :]: v for k, v in tensors.items() if k.startswith("projector.")}
+    module.vlm.projector.load_state_dict(weights, strict=True)
+    log.info("projector initialised from %s", ckpt)
+    return ckpt
+
+
+def load_checkpoint_weights(module: TrainModule, ckpt: Path, stage: str | None = None) -> None:
+    """Resume: the checkpoint's trainable tensors must be exactly this module's trainable parameters."""
+    weights = ckpt_io.load_tensors(ckpt, ckpt_io.MODEL)
+    trainable = {n for n, p in module.vlm.named_parameters() if p.requires_grad}
+    if set(weights) != trainable:
+        recorded = ckpt_io.read_state(ckpt).get("stage")
+        raise ckpt_io.CheckpointError(
+            f"{ckpt} holds weights for {len(weights)} tensors but this run trains {len(trainable)} "
+            f"(stage {stage!r} vs the checkpoint's {recorded!r}); resume with the same settings"
+        )
+    module.vlm.load_state_dict(weights, strict=False)
+    module.objectives.load_state_dict(ckpt_io.load_tensors(ckpt, ckpt_io.OBJECTIVES), strict=True)
+
+
+@dataclasses.dataclass
+class LoadedRun:
+    """A run's model rebuilt from one of its checkpoints, in eval mode."""
+
+    module: TrainModule
+    """the VisualLM (``module.vlm``) with the checkpoint's weights, and the objectives if asked for"""
+    tokenizer: Any
+    train_cfg: Any
+    """the resolved TrainConfig the checkpoint was trained with"""
+    step: int
+    checkpoint: Path
+    state: dict[str, Any]
+    """the checkpoint's trainer_state.json"""
+    manifest: Manifest
+    """the manifest of the shards the objectives were built on (``shards`` if given, else the training one)"""
+
+    @property
+    def vlm(self):
+        return self.module.vlm
+
+
+def train_config_of(ckpt: Path, state: dict[str, Any]):
+    """The resolved TrainConfig recorded in a checkpoint (else the run's config.yaml)."""
+    import yaml
+
+    from trainer.config import TrainConfig
+
+    if "config" in state:
+        return from_dict(TrainConfig, state["config"])
+    config_path = ckpt.parent.parent / "config.yaml"
+    if not config_path.is_file():
+        raise ckpt_io.CheckpointError(f"{ckpt} records no config and {config_path} is missing")
+    return from_dict(TrainConfig, yaml.safe_load(config_path.read_text()))
+
+
+def load_trained(
+    run_or_ckpt: str | Path,
+    step: int | None = None,
+    shards: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    with_objectives: bool = True,
+) -> LoadedRun:
+    """Rebuild a run's model from its checkpoint (latest, or ``step``) exactly as ``trainer run`` built it.
+
+    ``shards`` (e.g. held-out shards for ``trainer eval``) stands in for the training shards wherever an
+    objective reads a manifest or word list, so a run can be evaluated on another machine; it must come from
+    the same encoder (feature width). Without it the training manifest recorded in the checkpoint is used
+    (objectives that read files from the shard root are then not built).
+    """
+    ckpt = ckpt_io.resolve_checkpoint(run_or_ckpt, step)
+    state = ckpt_io.read_state(ckpt)
+    train_cfg = train_config_of(ckpt, state)
+    recorded = Manifest.from_dict(state["manifest"])
+    manifest = read_manifest(shards) if shards is not None else recorded
+    if manifest.encoder.feature_dim != recorded.encoder.feature_dim:
+        raise ckpt_io.CheckpointError(
+            f"{ckpt} was trained on {recorded.encoder.feature_dim}-d features but {shards} holds "
+            f"{manifest.encoder.feature_dim}-d ones: evaluate on shards of the run's encoder"
+        )
+    module, tokenizer = build_train_module(
+        train_cfg, manifest, shards, with_objectives=with_objectives and shards is not None
+    )
+    loaded = module.vlm.load_state_dict(ckpt_io.load_tensors(ckpt), strict=False)
+    missing_projector = [k for k in loaded.missing_keys if k.startswith("projector.")]
+    if loaded.unexpected_keys or missing_projector:
+        raise ckpt_io.CheckpointError(
+            f"checkpoint {ckpt} does not fit the model rebuilt from its config: unexpected "
+            f"{loaded.unexpected_keys[:5]}, missing {missing_projector[:5]}"
+        )
+    if len(module.objectives) and (ckpt / ckpt_io.OBJECTIVES).is_file():
+        module.objectives.load_state_dict(ckpt_io.load_tensors(ckpt, ckpt_io.OBJECTIVES), strict=True)
+    module.to(device).eval().requires_grad_(False)
+    return LoadedRun(module, tokenizer, train_cfg, int(state["step"]), ckpt, state, manifest)

@@ -1,0 +1,101 @@
+"""The on-disk contract between ``pipeline`` and ``trainer`` (docs/shards.md): schema, one writer, one reader.
+
+    from visalign import shards as S
+    m = S.read_manifest(out)                   # refuses unfinished roots and other schema versions
+    for path in m.shard_paths(out):
+        for sample in S.iter_tar(path):        # {"__key__", "feat", "labels", "scores", "meta", ...}
+            ...
+
+Writing goes through ``S.ShardWriter`` (one shard), ``S.write_wordlist``, ``S.write_rejects`` and, last,
+``S.write_manifest``.
+"""
+
+from visalign.hashing import sha256_file
+from visalign.shards.reader import (
+    decode_npy,
+    decode_sample,
+    iter_raw,
+    iter_tar,
+    read_manifest,
+    read_wordlist,
+)
+from visalign.shards.schema import (
+    CONFIG,
+    EXPERT_PREFIX,
+    FEAT,
+    LABELS,
+    MANIFEST,
+    META,
+    REJECTS,
+    SCHEMA_VERSION,
+    SCORES,
+    SETTINGS,
+    SHARD_PATTERN,
+    WORDLIST,
+    EncoderInfo,
+    ExpertInfo,
+    Manifest,
+    ShardFormatError,
+    ShardInfo,
+    WordlistInfo,
+    shard_name,
+    sidecar_name,
+)
+from visalign.shards.writer import (
+    SampleEncodeError,
+    ShardWriter,
+    encode_json,
+    encode_npy,
+    encode_sample,
+    sample_key,
+    shard_is_complete,
+    wordlist_sha256,
+    wordlist_text,
+    write_json_atomic,
+    write_manifest,
+    write_rejects,
+    write_wordlist,
+)
+
+__all__ = [
+    "CONFIG",
+    "EXPERT_PREFIX",
+    "FEAT",
+    "LABELS",
+    "MANIFEST",
+    "META",
+    "REJECTS",
+    "SCHEMA_VERSION",
+    "SCORES",
+    "SETTINGS",
+    "SHARD_PATTERN",
+    "WORDLIST",
+    "EncoderInfo",
+    "ExpertInfo",
+    "Manifest",
+    "SampleEncodeError",
+    "ShardFormatError",
+    "ShardInfo",
+    "ShardWriter",
+    "WordlistInfo",
+    "decode_npy",
+    "decode_sample",
+    "encode_json",
+    "encode_npy",
+    "encode_sample",
+    "iter_raw",
+    "iter_tar",
+    "read_manifest",
+    "read_wordlist",
+    "sample_key",
+    "sha256_file",
+    "shard_is_complete",
+    "shard_name",
+    "sidecar_name",
+    "wordlist_sha256",
+    "wordlist_text",
+    "write_json_atomic",
+    "write_manifest",
+    "write_rejects",
+    "write_wordlist",
+]
