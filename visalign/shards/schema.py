@@ -13,7 +13,7 @@ Layout of an output root ``OUT/``::
     OUT/shard-000000.tar     WebDataset shards; written as .tar.tmp and renamed when complete
     OUT/shard-000000.json    per-shard stats sidecar (its presence + checksum marks the shard done)
 
-Each sample in a shard (``__key__`` = sample id, made tar-safe):
+Each sample in a shard (``__key__`` = sample id, made tar-safe). An image sample:
 
     feat.npy     float16 [P, D]   LLM-input features (encoder hidden layer ``feature_layer``, patch tokens)
     labels.npy   int32   [P, K]   word ids into wordlist.txt, -1 = absent (score < 0 or fewer than K words)
@@ -21,10 +21,15 @@ Each sample in a shard (``__key__`` = sample id, made tar-safe):
     expert.<name>.npy  float16 [P_e, D_e]   optional features of extra expert encoders (distillation)
     json         {"id", "source", "orig_size": [w, h], "conversations": [...]} or {"caption": ...}
 
+A text-only sample (schema 2; LLaVA's instruction mix has ~6% of them) has the ``json`` member alone, with
+``"has_image": false`` and no ``source``. The manifest counts them (``num_text_only``, per shard too).
+
 Letters: P patches, D feature width, K top-k slots.
 
-Bump ``SCHEMA_VERSION`` on any change a reader must know about; readers refuse other versions with a message.
-Only the standard library here.
+Versions: 1 = image samples only, no preprocessing record, no shard sizes; 2 = adds text-only samples,
+``num_text_only``, ``ShardInfo.num_bytes`` and ``EncoderInfo.preprocess`` (with the aspect handling). Readers
+accept every version in ``READABLE_VERSIONS`` (fields a version lacks take their defaults) and refuse others
+with a message. Only the standard library here.
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ from typing import Any
 
 from visalign.errors import VisalignError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 WORDLIST = "wordlist.txt"
 REJECTS = "rejects.parquet"
@@ -70,8 +76,9 @@ class EncoderInfo:
     feature_dtype: str = "float16"
     preprocess: dict[str, Any] | None = None
     """how images became pixels: ``image_size``, ``mean``, ``std``, ``resize_mode`` (shortest | squash),
-    ``crop_rounding`` (floor | round), ``resample`` (bicubic); lets eval pictures and exports reproduce it
-    without the tower"""
+    ``crop_rounding`` (floor | round), ``resample`` (bicubic), ``aspect`` (crop | pad | resize: what happens to
+    a non-square image first) and ``pad_color`` ([r, g, b], with ``pad``); lets eval pictures and exports
+    reproduce it without the tower. None in schema-1 manifests"""
 
 
 @dataclasses.dataclass
@@ -98,8 +105,12 @@ class WordlistInfo:
 class ShardInfo:
     name: str
     num_samples: int
+    """samples in the tar, text-only ones included"""
     sha256: str
     num_rejects: int = 0
+    num_text_only: int = 0
+    num_bytes: int | None = None
+    """size of the tar (None in schema-1 manifests): a cheap first check before the checksum"""
 
 
 @dataclasses.dataclass
@@ -114,6 +125,8 @@ class Manifest:
     num_samples: int
     num_rejects: int
     experts: list[ExpertInfo] = dataclasses.field(default_factory=list)
+    num_text_only: int = 0
+    """samples without an image (their text trains the LM term only)"""
     config_digest: str = ""
     """sha256 of the settings that change shard content; a rerun with another digest is refused"""
     tool_version: str = ""
@@ -133,17 +146,23 @@ class Manifest:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:
         version = data.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_VERSIONS:
             raise ShardFormatError(
-                f"shard schema version {version!r}, but this visalign reads version {SCHEMA_VERSION}: "
+                f"shard schema version {version!r}, but this visalign reads versions {list(READABLE_VERSIONS)}: "
                 "relabel with this version's `pipeline label`, or install the visalign that wrote them"
             )
-        data = dict(data)
-        data["encoder"] = EncoderInfo(**data["encoder"])
-        data["wordlist"] = WordlistInfo(**data["wordlist"])
-        data["shards"] = [ShardInfo(**s) for s in data["shards"]]
-        data["experts"] = [ExpertInfo(**e) for e in data.get("experts", [])]
-        return cls(**data)
+        try:
+            data = dict(data)
+            data["encoder"] = EncoderInfo(**data["encoder"])
+            data["wordlist"] = WordlistInfo(**data["wordlist"])
+            data["shards"] = [ShardInfo(**s) for s in data["shards"]]
+            data["experts"] = [ExpertInfo(**e) for e in data.get("experts", [])]
+            return cls(**data)
+        except (KeyError, TypeError) as err:
+            raise ShardFormatError(
+                f"manifest of schema {version} does not have the fields this version expects ({err}): "
+                "it is damaged or was edited by hand; rerun `pipeline label` to rewrite it"
+            ) from None
 
 
 def shard_name(index: int) -> str:
