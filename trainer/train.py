@@ -46,6 +46,7 @@ from torch import nn
 from trainer import checkpoint as ckpt_io
 from trainer.config import TrainConfig
 from trainer.data import StreamLayout, build_stream, make_loader
+from trainer.data.conversations import text_format
 from trainer.models.build import (
     build_train_module,
     check_manifest_against,
@@ -159,9 +160,7 @@ class Trainer:
             seed=cfg.seed,
             shuffle_buffer=cfg.data.shuffle_buffer,
         )
-        fmt = (
-            cfg.data.format if cfg.data.format != "auto" else ("plain" if cfg.stage == "pretrain" else "chat")
-        )
+        fmt = text_format(cfg.data, cfg.stage)
         stream = build_stream(
             cfg.shards, self.manifest, self.tokenizer, fmt, cfg.data.max_length, self.layout, self.num_batches
         )
