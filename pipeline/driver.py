@@ -126,13 +126,16 @@ def plan(cfg: LabelConfig) -> LabelPlan:
     if not items:
         raise InputError(f"--input {cfg.input} holds no samples")
     words = load_wordlist(cfg.wordlist, lowercase=cfg.lowercase)
+    if cfg.top_k > len(words):
+        raise ConfigError(
+            f"--top-k {cfg.top_k} is more than the {len(words)} words of the word list "
+            f"({cfg.wordlist or 'the default list'}): use --top-k {len(words)} or fewer, or a longer list"
+        )
     cfg = dataclasses.replace(cfg, cache_dir=cfg.cache_dir or str(default_cache_dir()))
     device = resolve_device(cfg.device)
     enc = get_encoder(
         cfg.encoder, cfg.backend, cfg.encoder_path, device, cfg.cache_dir, **encoder_options(cfg)
     )
-    if len(words) < 1:
-        raise InputError(f"--wordlist {cfg.wordlist or 'default'} holds no words after normalisation")
     enc_info = enc.info(cfg.feature_layer)
     # what the encoder saw, aspect step included: pictures and exports redraw it from the manifest
     enc_info["preprocess"] = enc.preprocess_spec.with_aspect(cfg.image_aspect).to_dict()

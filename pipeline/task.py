@@ -118,8 +118,9 @@ def encoder_options(cfg: LabelConfig) -> dict[str, Any]:
 
 # ---- decoding ahead of the model ------------------------------------------------------------------------
 def _text_of(data: bytes, what: str) -> str:
+    """Strict UTF-8 (a leading byte-order mark, as Windows editors write, is not text)."""
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         raise RejectError(
             f"{what} is not valid UTF-8 ({err.reason} at byte {err.start}): re-save it as UTF-8"

@@ -108,7 +108,11 @@ def test_pad_features_equal_the_forward_on_the_hand_padded_image(
     got_BPD = torch.from_numpy(np.stack([samples[i]["feat"] for i in ids]).astype(np.float32))
     diff = (got_BPD - want_BPD.half().float()).abs().max().item()
     with capsys.disabled():
-        print(f"\n[{backend}] pad features vs forward on the hand-padded image: max |diff| = {diff:.3g}")
+        print(
+            f"\n[{backend}] pad features vs forward on the hand-padded image: max |diff| = {diff:.3g} "
+            f"(features up to {want_BPD.abs().max().item():.3g}; pad vs crop max |diff| "
+            f"{(got_BPD - crop_BPD).abs().max().item():.3g})"
+        )
     torch.testing.assert_close(got_BPD, want_BPD.half().float(), atol=2e-3, rtol=2e-3)
     assert (got_BPD - crop_BPD).abs().max() > 0.1, (
         "padding must change the features, else this proves nothing"

@@ -201,3 +201,14 @@ def test_bad_flag_is_argparse_error(capsys):
     assert "unrecognized arguments" in capsys.readouterr().err
     assert main(["label", "--help"]) == 0
     assert "--samples-per-shard" in capsys.readouterr().out
+
+
+def test_top_k_above_the_word_count_is_refused(tmp_path, photo_dataset, capsys, cache_dir):
+    (tmp_path / "w.txt").write_text("cat\ndog\n")
+    argv = ["label", "--encoder", "tiny-clip", "--input", str(photo_dataset), "--images",
+            str(photo_dataset.parent / "images"), "--shards", str(tmp_path / "o"), "--wordlist",
+            str(tmp_path / "w.txt"), "--top-k", "3", "--cache-dir", str(cache_dir), "--progress", "false"]  # fmt: skip
+    assert main(argv) == 3
+    err = capsys.readouterr().err.strip()
+    assert "--top-k 3 is more than the 2 words" in err and len(err.splitlines()) == 1
+    assert not list((tmp_path / "o").glob("shard-*")), "refused before any shard"
