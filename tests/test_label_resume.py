@@ -72,12 +72,21 @@ def _images_root(photo_dataset: Path) -> str:
     return str(photo_dataset.parent / "images")
 
 
-def test_kill9_then_resume_equals_uninterrupted(tmp_path, many_photos, photo_dataset, cache_dir):
+@pytest.fixture(scope="module")
+def lone_run(tmp_path_factory, many_photos, photo_dataset, cache_dir) -> Path:
+    """The reference: the console command run alone, uninterrupted."""
+    from pipeline.cli import main
+
+    out = tmp_path_factory.mktemp("lone") / "out"
+    assert main(["label", *_args(many_photos, out, cache_dir, images=_images_root(photo_dataset))]) == 0
+    return out
+
+
+def test_kill9_then_resume_equals_uninterrupted(tmp_path, many_photos, photo_dataset, cache_dir, lone_run):
     from pipeline.cli import main
 
     images = _images_root(photo_dataset)
-    ref_out = tmp_path / "ref"
-    assert main(["label", *_args(many_photos, ref_out, cache_dir, images=images)]) == 0
+    ref_out = lone_run
 
     out = tmp_path / "killed"
     env = dict(os.environ, VISALIGN_CACHE=str(cache_dir), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
@@ -107,14 +116,11 @@ def test_kill9_then_resume_equals_uninterrupted(tmp_path, many_photos, photo_dat
     assert not list(out.glob("*.tmp"))
 
 
-def test_two_runs_started_together_one_is_refused(tmp_path, many_photos, photo_dataset, cache_dir):
+def test_two_runs_started_together_one_is_refused(tmp_path, many_photos, photo_dataset, cache_dir, lone_run):
     """Two `pipeline label` on one folder at the same moment: one refused naming the other, whose output is
     byte for byte that of a lone run (shards, manifest but its timestamp, rejects, word list)."""
-    from pipeline.cli import main
-
     images = _images_root(photo_dataset)
-    lone = tmp_path / "lone"
-    assert main(["label", *_args(many_photos, lone, cache_dir, images=images)]) == 0
+    lone = lone_run
 
     out = tmp_path / "shared"
     env = dict(os.environ, VISALIGN_CACHE=str(cache_dir), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
