@@ -6,7 +6,8 @@
         for sample in S.iter_tar(path):        # {"__key__", "feat", "labels", "scores", "meta", ...}
             ...
 
-Writing goes through ``S.ShardWriter`` (one shard), ``S.write_wordlist``, ``S.write_rejects`` and, last,
+Writing goes through ``S.ShardWriter`` (one shard: ``write`` an image sample, ``write_text_only`` a sample
+without an image; ``S.shard_info`` turns its sidecar into the manifest's entry), ``S.write_wordlist``, ``S.write_rejects`` and, last,
 ``S.write_manifest``.
 """
 
@@ -47,7 +48,9 @@ from visalign.shards.writer import (
     encode_json,
     encode_npy,
     encode_sample,
+    encode_text_only,
     sample_key,
+    shard_info,
     shard_is_complete,
     wordlist_sha256,
     wordlist_text,
@@ -83,12 +86,14 @@ __all__ = [
     "encode_json",
     "encode_npy",
     "encode_sample",
+    "encode_text_only",
     "iter_raw",
     "iter_tar",
     "read_manifest",
     "read_wordlist",
     "sample_key",
     "sha256_file",
+    "shard_info",
     "shard_is_complete",
     "shard_name",
     "sidecar_name",
