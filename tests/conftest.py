@@ -128,9 +128,7 @@ def write_tiny_shards(
                 labels = rng.integers(0, len(words), (P, K)).astype(np.int32)
                 writer.write(f"s{i:04d}", feat, labels, scores, meta)
             stats = writer.close()
-        infos.append(
-            S.ShardInfo(name=stats["name"], num_samples=stats["num_samples"], sha256=stats["sha256"])
-        )
+        infos.append(S.shard_info(root, stats))
     side = int(round(P**0.5))
     manifest = S.Manifest(
         encoder=S.EncoderInfo(
