@@ -239,12 +239,40 @@ def build_smollm2(folder: Path) -> None:
     if missing or unexpected:
         raise RuntimeError(f"SmolLM2 GGUF conversion: missing {missing}, unexpected {unexpected}")
     model.tie_weights()
+    # the weights are dequantised: a "gguf" quantization_config would only make transformers warn
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    _apply_gguf_special_tokens(tokenizer, gguf)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     add_image_token(tokenizer)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     portable_tokenizer_config(folder)
+
+
+def _gguf_field(reader, name: str):
+    field = reader.fields.get(name)
+    if field is None:
+        return None
+    return field.parts[field.data[0]][0].item()
+
+
+def _apply_gguf_special_tokens(tokenizer: PreTrainedTokenizerBase, gguf: Path) -> None:
+    """eos, pad and the bos rule as the GGUF header states them. transformers 5 applies them itself;
+    4.x's GGUF converter guesses ``<|im_start|>`` for eos and pad and prepends a bos."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(gguf))
+    eos_id = _gguf_field(reader, "tokenizer.ggml.eos_token_id")
+    pad_id = _gguf_field(reader, "tokenizer.ggml.padding_token_id")
+    add_bos = _gguf_field(reader, "tokenizer.ggml.add_bos_token")
+    if eos_id is not None:
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(int(eos_id))
+    if pad_id is not None:
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(int(pad_id))
+    if add_bos is not None and hasattr(type(tokenizer), "add_bos_token"):
+        tokenizer.add_bos_token = bool(add_bos)
 
 
 @LLMS.register("smollm2-135m")
