@@ -298,3 +298,12 @@ def test_trainer_runs_and_exports_on_the_floor(both):
     mine = our_logits(loaded.vlm, loaded.tokenizer, both["clip"], ids, pixels, image_id)
     torch.testing.assert_close(logits[..., : mine.shape[-1]], mine, atol=1e-4, rtol=1e-4)
     assert (tmp / "floor-export" / "README.md").is_file()
+    # the floor wrote the same processor files: one prompt from strings and content lists, no token_type_ids
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tmp / "floor-export")
+    as_list = processor.apply_chat_template(compat_probe.LIST_CHAT, add_generation_prompt=True)
+    assert as_list == processor.apply_chat_template(compat_probe.STRING_CHAT, add_generation_prompt=True)
+    assert as_list == both["current"][0]["exports"]["a"]["chat"]["list"]
+    config = json.loads((tmp / "floor-export" / "tokenizer_config.json").read_text())
+    assert config["model_input_names"] == ["input_ids", "attention_mask"]
