@@ -40,6 +40,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -332,7 +333,7 @@ def _hf_card(facts: dict[str, Any], gaps: list[str], dtype: str) -> str:
         "pipeline_tag: image-text-to-text",
         "tags: [llava, visalign]",
     ]
-    if "/" in llm and not llm.startswith(("/", ".", "~")):
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", llm) and not Path(llm).exists():  # a hub id
         front.append(f"base_model: {llm}")
     front.append("---")
     table = _card_table(
