@@ -1,7 +1,7 @@
 """The ``trainer`` console script: one dict of subcommand -> function, each a thin layer over the library.
 
     trainer run      --objective lm --shards OUT --llm NAME --output RUN [--config jobs/x.yaml] [flags]
-    trainer export   RUN --format hf-llava --out DIR [--checkpoint STEP]
+    trainer export   RUN --format hf-llava|llava-projector --out DIR [--checkpoint STEP] [--dtype bf16]
     trainer eval     RUN --shards OUT --out DIR [--samples N] [--layers 0,8,16]
     trainer compare  RUN_A RUN_B --shards OUT --out DIR
 
@@ -41,6 +41,9 @@ ALIASES = {
     "--log-every": "logging.log_every",
 }
 _BOOL_ALIASES = {"--gradient-checkpointing"}
+# trainer.export.FORMATS / DTYPES, spelled out so that `trainer export --help` imports nothing heavy
+EXPORT_FORMATS = ("hf-llava", "llava-projector")
+EXPORT_DTYPES = ("bf16", "fp16", "fp32")
 
 
 def run_parser() -> argparse.ArgumentParser:
@@ -75,24 +78,42 @@ def cmd_run(argv: list[str]) -> int:
 
 
 def cmd_export(argv: list[str]) -> int:
-    """Export a run's checkpoint as a HF LlavaForConditionalGeneration folder."""
+    """Export a run's checkpoint: an HF LLaVA folder, or the projector as LLaVA's mm_projector.bin."""
     parser = argparse.ArgumentParser(prog="trainer export", description=(cmd_export.__doc__ or "").strip())
     parser.add_argument("run", help="a run folder (latest checkpoint) or a checkpoint folder")
-    parser.add_argument("--format", default="hf-llava", choices=["hf-llava"], help="output format")
-    parser.add_argument("--out", required=True, help="output folder (created; must not hold a model already)")
+    parser.add_argument(
+        "--format",
+        default="hf-llava",
+        choices=EXPORT_FORMATS,
+        help="hf-llava: LlavaForConditionalGeneration + processor + model card (transformers 4.57+ and 5.x); "
+        "llava-projector: mm_projector.bin for LLaVA's --pretrain_mm_mlp_adapter",
+    )
+    parser.add_argument("--out", required=True, help="output folder (created; must not exist or be empty)")
     parser.add_argument(
         "--checkpoint", type=int, default=None, metavar="STEP", help="a step (default: latest)"
     )
     parser.add_argument(
+        "--dtype", default="fp32", choices=EXPORT_DTYPES, help="precision of the written weights"
+    )
+    parser.add_argument(
         "--encoder-path",
         default=None,
-        help="the vision tower's HF folder, when the path the manifest records is not on this machine "
-        "(its fingerprint is checked)",
+        help="hf-llava: the vision tower's HF folder, when the path the manifest records is not on this "
+        "machine (its fingerprint is checked)",
     )
     args = parser.parse_args(argv)
-    from trainer.export import export_hf_llava
+    from trainer.export import export
 
-    print(export_hf_llava(args.run, args.out, step=args.checkpoint, encoder_path=args.encoder_path))
+    print(
+        export(
+            args.run,
+            args.out,
+            format=args.format,
+            dtype=args.dtype,
+            step=args.checkpoint,
+            encoder_path=args.encoder_path,
+        )
+    )
     return 0
 
 

@@ -93,9 +93,15 @@ class CheckpointConfig:
 @dataclasses.dataclass
 class LoggingConfig:
     log_every: int = 1
-    """write a log.jsonl / TensorBoard record every this many steps"""
-    tensorboard: bool = True
-    """log through Accelerate's TensorBoard tracker into RUN/"""
+    """write a log.jsonl record (and send it to the trackers) every this many steps"""
+    report_to: tuple[str, ...] = ("tensorboard",)
+    """trackers (Accelerate's) that get every log.jsonl scalar under the same name: tensorboard, wandb,
+    mlflow, comet_ml, aim, clearml, dvclive, swanlab, trackio, comma-separated; 'none' = log.jsonl only.
+    They write inside RUN/ and need no network (W&B runs offline without credentials; docs/trainer.md)"""
+    project: str = "visalign"
+    """the W&B project / MLflow experiment the run is logged under (the run is named after --output)"""
+    tensorboard: bool | None = None
+    """deprecated, use --logging.report-to: false removes tensorboard from it, true adds it"""
     progress: bool = True
     """show a tqdm progress bar on the main process"""
     seen_ids: bool = False
@@ -122,7 +128,7 @@ class TrainConfig:
     shards: str
     """a finished `pipeline label` output folder (manifest.json + shard-*.tar)"""
     output: str
-    """the run folder: config.yaml, log.jsonl, TensorBoard events, checkpoints/"""
+    """the run folder: config.yaml, env.json, log.jsonl, tracker files (tensorboard/, ...), checkpoints/"""
     objective: str = "lm"
     """objectives, '+'-separated: lm, sea, basic, distill (lm is always included)"""
     stage: Literal["pretrain", "finetune"] = "pretrain"

@@ -1,7 +1,8 @@
 """The training loop: shards -> projector + LLM -> weighted objective losses -> AdamW -> checkpoints + logs.
 
-Input: a ``TrainConfig`` (``trainer.config``). Output, in ``cfg.output`` (RUN): ``config.yaml`` (written
-before any model is loaded), ``log.jsonl`` (one record per --log-every steps), TensorBoard events, and
+Input: a ``TrainConfig`` (``trainer.config``). Output, in ``cfg.output`` (RUN): ``config.yaml`` and ``env.json``
+(written before any model is loaded), ``log.jsonl`` (one record per --log-every steps, also sent under the
+same names to the ``--logging.report-to`` trackers, ``trainer.tracking``), and
 ``checkpoints/step-NNNNNN`` (``trainer.checkpoint``). Read top to bottom: ``Trainer.__init__`` builds,
 ``train`` -> ``train_step`` (one optimiser step = grad_accum micro-batches) -> ``forward_backward``.
 
@@ -44,6 +45,7 @@ from accelerate.utils import DistributedType
 from torch import nn
 
 from trainer import checkpoint as ckpt_io
+from trainer import tracking
 from trainer.config import TrainConfig
 from trainer.data import StreamLayout, build_stream, make_loader
 from trainer.data.conversations import text_format
@@ -104,10 +106,11 @@ class Trainer:
 
         self.cfg = cfg
         self.run = Path(cfg.output)
+        trackers = tracking.make_trackers(cfg, tracking.tracker_names(cfg.logging))
         self.accelerator = Accelerator(
             cpu=on_cpu(),
             mixed_precision=resolve_mixed_precision(cfg.optim.mixed_precision),
-            log_with="tensorboard" if cfg.logging.tensorboard else None,
+            log_with=trackers or None,
             project_dir=str(self.run),
             step_scheduler_with_optimizer=False,
         )
@@ -126,6 +129,7 @@ class Trainer:
             )
         if acc.is_main_process:  # after the checks above (a refused start must not clobber a run's file)
             write_resolved(cfg, self.run / "config.yaml")
+            tracking.write_env(self.run, acc, int(ckpt_io.read_state(ckpt)["step"]) if ckpt else 0)
 
         module, self.tokenizer = build_train_module(
             cfg,
@@ -167,8 +171,7 @@ class Trainer:
         self.stream = stream
         self.batches = iter(make_loader(stream))
         self.heldout = self.build_heldout(fmt)
-        if cfg.logging.tensorboard:
-            acc.init_trackers("tensorboard")
+        tracking.start_trackers(acc, cfg)
 
     # -----------------------------------------------------------------------------------------------------
     # building
@@ -361,7 +364,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             with open(self.run / LOG_FILE, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
-        self.accelerator.log({k.replace("/", "_"): v for k, v in metrics.items()}, step=self.step)
+        self.accelerator.log(dict(metrics), step=self.step)  # the trackers get log.jsonl's names
 
     def record_seen(self, micro_batches: list[dict[str, Any]]) -> None:
         """Debug (--logging.seen_ids): one line per consumed sample, for coverage checks across ranks."""
