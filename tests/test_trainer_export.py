@@ -324,10 +324,12 @@ def test_processor_pads_to_square_like_llava(tmp_path):
         folder.mkdir()
         (folder / "preprocessor_config.json").write_text(json.dumps(config))
         processor = AutoImageProcessor.from_pretrained(folder, backend="pil")
+        pipeline_spec = Preprocess.from_dict(preprocess)  # what `pipeline label` fed the encoder
         for h, w in ((40, 71), (67, 30), (33, 33)):
             image = random_image(h, w, seed=h)
             ours = processor(images=image, return_tensors="pt")["pixel_values"][0]
             torch.testing.assert_close(ours, reference(image), atol=1e-5, rtol=0, msg=f"{name} {h}x{w}")
+            torch.testing.assert_close(ours, pipeline_spec(image), atol=1e-5, rtol=0, msg=f"{name} {h}x{w}")
         if name == "pad":  # the border really is the mean colour: normalised, it is ~0
             padded = processor(images=random_image(20, 64), return_tensors="pt")["pixel_values"][0]
             assert padded[:, 0, :].abs().max() < 0.02
