@@ -29,6 +29,10 @@ class DataConfig:
     format: Literal["auto", "plain", "chat"] = "auto"
     """text format: 'plain' (LLaVA pre-training: visual tokens, caption, eos), 'chat' (the LLM's chat
     template over the conversation), 'auto' = plain for --stage pretrain, chat for finetune"""
+    verify_shards: Literal["full", "size"] = "full"
+    """compare every shard with its manifest before training: 'full' reads every byte once (sha256 + a
+    strict decode; a passing shard is stamped in the model cache so later runs skip it), 'size' checks size,
+    tar headers and sample counts only (seconds, but misses bytes changed in place)"""
 
 
 @dataclasses.dataclass

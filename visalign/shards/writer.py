@@ -170,6 +170,7 @@ class ShardWriter:
         self.final = self.root / shard_name(self.index)
         self.tmp = self.final.with_name(self.final.name + ".tmp")
         self.num_samples = 0
+        self.num_text_only = 0
         self._raw = open(self.tmp, "wb")
         self._tar = tarfile.open(fileobj=self._raw, mode="w", format=tarfile.PAX_FORMAT)
         self._closed = False
@@ -189,6 +190,13 @@ class ShardWriter:
             _add_member(self._tar, name, data)
         self.num_samples += 1
 
+    def write_text_only(self, key: str, meta: dict[str, Any]) -> None:
+        """Append a text-only sample (schema 2): its json alone, with ``"has_image": false``."""
+        data = encode_json({**meta, "has_image": False})
+        _add_member(self._tar, f"{key}.{META}", data)
+        self.num_samples += 1
+        self.num_text_only += 1
+
     def close(self, stats: dict[str, Any] | None = None) -> dict[str, Any]:
         """fsync + rename the tar, then write the sidecar (``stats`` + name, index, num_samples, sha256)."""
         self._tar.close()
@@ -202,6 +210,7 @@ class ShardWriter:
             "name": self.final.name,
             "index": self.index,
             "num_samples": self.num_samples,
+            "num_text_only": self.num_text_only,
             **(stats or {}),
             "sha256": sha,
         }
