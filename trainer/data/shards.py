@@ -32,6 +32,7 @@ Letters: B batch, P patches, D feature width, K top-k slots.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -40,8 +41,10 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from trainer.data.collate import skipped_sample
 from visalign.config import ConfigError
 from visalign.shards import (
+    META,
     Manifest,
     SampleError,
     decode_checked,
@@ -177,7 +180,12 @@ class ShardStream(IterableDataset):
         try:
             sample = decode_checked(raw, self.layout_arrays)
         except SampleError as err:
-            return {"__key__": raw["__key__"], "skip": str(err), "slot": slot, "pass": pass_index}
+            try:  # the record's id, when its json is readable, else the tar key
+                meta = json.loads(raw.get(META, b"{}"))
+            except ValueError:
+                meta = None
+            where = {"__key__": raw["__key__"], "meta": meta, "slot": slot, "pass": pass_index}
+            return skipped_sample(where, str(err))
         sample["slot"], sample["pass"] = slot, pass_index
         return self.transform(sample) if self.transform else sample
 

@@ -345,6 +345,11 @@ def check_shard(
                         current[ext] = f.read() if f else b""
                 if current is not None and full:
                     problems += _decode_problem(current, layout)
+                end = tar.offset
+            # tarfile also stops quietly at a header cut off or garbled: a whole archive ends in zero blocks
+            marker = os.pread(raw_file.fileno(), 2 * tarfile.BLOCKSIZE, end)
+            if len(marker) < 2 * tarfile.BLOCKSIZE or marker.strip(b"\0"):
+                return [f"it is truncated or damaged: no end-of-archive marker at byte {end:,} of {size:,}"]
             if reader is not None:
                 reader.drain()
     except (tarfile.TarError, EOFError, OSError) as err:
