@@ -227,3 +227,38 @@ def test_first_samples_are_image_samples(tiny_shards):
     root = tiny_shards(num_samples=7, samples_per_shard=3, text_only={0, 1, 3, 4, 5})
     assert [s["meta"]["id"] for s in first_samples(root, 5)] == ["s0002", "s0006"]
     assert [s["meta"]["id"] for s in first_samples(root, 1)] == ["s0002"]
+
+
+TEXT_FORMATTER = "has_image" in __import__("inspect").signature(Formatter.__call__).parameters
+
+
+@pytest.mark.skipif(not TEXT_FORMATTER, reason="the formatter has no text-only call (has_image=False) yet")
+def test_trainer_interleaves_text_only_samples_and_resumes_exactly(tiny_shards, tmp_path):
+    """The real loader and formatter: text-only samples are trained on in the global order (a pass sees each
+    sample once, text-only ones included), every step is finite, and a resumed run equals the whole one."""
+    import json
+
+    from trainer.cli import parse_run_args
+    from trainer.train import Trainer
+
+    root = tiny_shards(num_samples=8, samples_per_shard=3, text_only={1, 4, 5})
+    args = ["--shards", str(root), "--llm", "tiny-llm", "--objective", "sea+basic+distill", "--max-steps", "4",
+            "--batch-size", "2", "--save-every", "2", "--data.shuffle_buffer", "4", "--logging.seen_ids", "true",
+            "--logging.progress", "false", "--logging.tensorboard", "false"]  # fmt: skip
+    Trainer(parse_run_args(args + ["--output", str(tmp_path / "whole")])).train()
+    Trainer(parse_run_args(args + ["--output", str(tmp_path / "parts"), "--stop-after", "2"])).train()
+    Trainer(parse_run_args(args + ["--output", str(tmp_path / "parts"), "--resume"])).train()
+
+    def records(run, name):
+        out = [json.loads(line) for line in (tmp_path / run / name).read_text().splitlines()]
+        for r in out:
+            r.pop("samples_per_s", None), r.pop("tokens_per_s", None)
+        return out
+
+    seen = records("whole", "seen-rank0.jsonl")
+    assert sorted(r["id"] for r in seen) == [f"s{i:04d}" for i in range(8)]  # 4 steps x 2 = one pass
+    log = records("whole", "log.jsonl")
+    assert all(v == v and abs(v) != float("inf") for r in log for v in r.values())
+    assert sum(r["skipped_samples"] for r in log) == 0
+    for name in ("log.jsonl", "seen-rank0.jsonl"):
+        assert records("parts", name) == records("whole", name), name

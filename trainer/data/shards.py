@@ -17,11 +17,19 @@ How the samples are split (the choice the brief asked us to make and document):
 * Batches are formed inside a slot (``batch_size`` consecutive samples, crossing pass boundaries), and a
   rank takes its batches round-robin from its ``W`` logical workers: batch ``b`` comes from worker ``b % W``
   (exactly how ``torch.utils.data.DataLoader`` interleaves worker outputs).
+* Text-only samples are ordinary samples of this order, as in LLaVA's mixture: they are split, shuffled and
+  batched like the others, and a micro-batch holds whatever mix its window has (``collate.py``: dense rows
+  with the ``has_image_B`` mask).
+* Every sample is decoded strictly (``visalign.shards.decode_checked``) and then transformed; one that
+  fails (arrays unlike the manifest's, a record ``check_record`` refuses, text the formatter cannot render)
+  becomes an unusable-sample marker that the collator leaves out of its micro-batch and reports in
+  ``batch["skipped"]`` (the trainer writes ``RUN/skipped-rank{r}.jsonl``). It still counts as read.
 
 Resume: the loader position is one number per rank, the batches consumed ``num_batches``; every slot's
 position follows from it (``state_dict``/``start_batches``), and the slot streams are pure functions of
-``(seed, pass, slot)``, so a resumed run sees exactly the samples the uninterrupted one would have seen.
-Skipped samples are read from the tar but never decoded.
+``(seed, pass, slot)``, so a resumed run sees exactly the samples the uninterrupted one would have seen,
+and skips exactly the unusable ones it would have skipped (positions count samples read, not used).
+Samples before the resume position are read from the tar but never decoded.
 
 We read tars with ``tarfile`` rather than webdataset: the split above needs "samples i..j of shard k",
 which a per-shard webdataset pipeline does not express; both read the same members (``visalign.shards``).
