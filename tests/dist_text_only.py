@@ -27,23 +27,6 @@ PLAN = {0: [[0, 1], [2, 3]], 1: [[1, 4], [4, 1]]}
 TEXT_ONLY = {1, 4}
 
 
-class TextFormatter:
-    """The real formatter for image samples; for a text-only one (the ``has_image=False`` call) its text and
-    eos, all supervised, and no visual slot (``visual_start`` None)."""
-
-    def __init__(self, formatter: Formatter):
-        self.formatter = formatter
-        self.pad_id = formatter.pad_id
-
-    def __call__(self, meta, has_image=True):
-        if has_image:
-            return self.formatter(meta)
-        tok = self.formatter.tokenizer
-        text = meta["caption"] if "caption" in meta else " ".join(t["value"] for t in meta["conversations"])
-        ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        return {"input_ids": ids, "labels": list(ids), "visual_start": None}
-
-
 def write_shards(root: Path) -> Path:
     from tests.conftest import write_tiny_shards
 
@@ -58,7 +41,7 @@ def micro_batches(shards: Path, tokenizer, rank: int) -> list[dict]:
     manifest = S.read_manifest(shards)
     layout = S.sample_layout(manifest)
     raw = [r for path in manifest.shard_paths(shards) for r in S.iter_raw(path)]
-    transform = SampleTransform(TextFormatter(Formatter(tokenizer, manifest.num_patches, "plain", 128)))
+    transform = SampleTransform(Formatter(tokenizer, manifest.num_patches, "plain", 128))
     collate = Collator(tokenizer.pad_token_id, manifest)
     out = []
     for positions in PLAN[rank]:

@@ -15,9 +15,10 @@ import json
 import pytest
 import torch
 
+from trainer.config import DataConfig
 from trainer.data import Collator, SampleTransform, ShardStream, StreamLayout, UnusableDataError
 from trainer.data import collate as C
-from trainer.data.conversations import Formatter
+from trainer.data.conversations import Formatter, text_format
 from visalign import shards as S
 from visalign.samples import check_record
 
@@ -59,7 +60,7 @@ def tok(cache_dir):
 
 def expected_reasons(root, tok):
     """The reason of every unusable sample, computed here with the validator and the formatter directly."""
-    formatter = Formatter(tok, 16, "chat", MAX_LENGTH)
+    formatter = Formatter(tok, 16, text_format(DataConfig(), "finetune"), MAX_LENGTH)
     reasons = {}
     for path in S.read_manifest(root).shard_paths(root):
         for sample in S.iter_tar(path):
@@ -79,7 +80,7 @@ def test_windows_count_samples_read_and_leave_out_the_unusable(bad_shards, tok):
     reasons = expected_reasons(bad_shards, tok)
     assert sorted(reasons) == [f"s{i:04d}" for i in sorted(BAD)]
     layout = StreamLayout(1, 0, 0, batch_size=3, seed=4, shuffle_buffer=5)
-    formatter = Formatter(tok, 16, "chat", MAX_LENGTH)
+    formatter = Formatter(tok, 16, text_format(DataConfig(), "finetune"), MAX_LENGTH)
     manifest = S.read_manifest(bad_shards)
 
     def stream(start=0):

@@ -283,8 +283,7 @@ def test_attention_capture_receives_text_query_mask(tiny, monkeypatch):
 
 
 def test_real_attention_capture_matches_eager_attentions(cache_dir):
-    """If the objectives' capture exists: its result equals eager attention probabilities averaged by hand."""
-    pytest.importorskip("trainer.models.attention")
+    """The capture's result equals eager attention probabilities averaged by hand."""
     llm, tokenizer = load_llm("tiny-llm", cache_dir=cache_dir)
     eager = fresh_llm(cache_dir, attn_implementation="eager")
     projector = make_projector(llm)

@@ -7,7 +7,7 @@ gradient on every rank. Each case is checked against an independent computation:
 image rows alone, the same LM loss summed over the two kinds separately, the same attention without the row.
 
 The formatter's text-only call (``Formatter(meta, has_image=False)``: no visual slots, ``visual_start``
-None) is provided here by ``tests.dist_text_only.TextFormatter`` following that contract.
+None) renders the text-only samples.
 Letters: B batch, T sequence, P patches, D feature width, K label slots.
 """
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.dist_text_only import TextFormatter
 from trainer.data import Collator, SampleTransform
 from trainer.data.conversations import IGNORE_INDEX, Formatter
 from trainer.objectives.base import StepContext
@@ -37,7 +36,7 @@ def setup(cache_dir, tmp_path_factory):
     cfg = TrainConfig(shards=str(root), output="unused", objective="sea+basic+distill", stage="finetune")
     cfg.model.llm = "tiny-llm"
     module, tok = build_train_module(cfg, manifest, root, apply_stage_to="finetune")
-    transform = SampleTransform(TextFormatter(Formatter(tok, manifest.num_patches, "plain", 128)))
+    transform = SampleTransform(Formatter(tok, manifest.num_patches, "plain", 128))
     samples = [
         transform(S.decode_checked(r, S.sample_layout(manifest)))
         for r in S.iter_raw(manifest.shard_paths(root)[0])
@@ -56,10 +55,16 @@ def test_collated_text_only_rows(setup):
     assert torch.equal(batch["labels_BPK"][1], torch.full((16, 4), -1))
     assert torch.equal(batch["scores_BPK"][1], torch.full((16, 4), float("-inf")))
     assert torch.equal(batch["feats_BPD"][0], torch.from_numpy(samples[0]["feat"].astype("float32")))
-    # no visual slots: the text-only row is its text and eos, all of it supervised
+    # no visual slots: the text-only row is the formatter's text-only rendering, i.e. the same sample as an
+    # image sample minus its P visual slots
+    fmt = Formatter(tok, 16, "plain", 128)
     text = samples[1]["input_ids"]
-    assert text[-1] == tok.eos_token_id and len(text) < 16
+    assert text == fmt(samples[1]["meta"], has_image=False)["input_ids"]
+    as_image = fmt(samples[1]["meta"], has_image=True)
+    start = as_image["visual_start"]
+    assert as_image["input_ids"][:start] + as_image["input_ids"][start + 16 :] == text
     assert batch["input_ids_BT"][1, : len(text)].tolist() == text
+    assert batch["labels_BT"][1, : len(text)].tolist() == samples[1]["text_labels"]
     assert batch["attention_mask_BT"][1].sum() == len(text)
     assert batch["ids"] == ["s0000", "s0001", "s0002"] and batch["skipped"] == []
     only_text = collate([samples[1], samples[4]])  # no image sample to read the shapes from: the manifest's
@@ -229,10 +234,6 @@ def test_first_samples_are_image_samples(tiny_shards):
     assert [s["meta"]["id"] for s in first_samples(root, 1)] == ["s0002"]
 
 
-TEXT_FORMATTER = "has_image" in __import__("inspect").signature(Formatter.__call__).parameters
-
-
-@pytest.mark.skipif(not TEXT_FORMATTER, reason="the formatter has no text-only call (has_image=False) yet")
 def test_trainer_interleaves_text_only_samples_and_resumes_exactly(tiny_shards, tmp_path):
     """The real loader and formatter: text-only samples are trained on in the global order (a pass sees each
     sample once, text-only ones included), every step is finite, and a resumed run equals the whole one."""

@@ -26,9 +26,20 @@ class DataConfig:
     """samples held in each worker's shuffle buffer (memory ~ buffer x one sample's features); 1 = none"""
     max_length: int = 2048
     """longest token sequence (text + visual tokens); longer texts are truncated, never the visual block"""
-    format: Literal["auto", "plain", "chat"] = "auto"
-    """text format: 'plain' (LLaVA pre-training: visual tokens, caption, eos), 'chat' (the LLM's chat
-    template over the conversation), 'auto' = plain for --stage pretrain, chat for finetune"""
+    conv_template: Literal["auto", "plain", "vicuna_v1", "llama_3", "chatml", "qwen_2", "tokenizer"] = "auto"
+    """conversation format (docs/conversations.md): 'plain' (LLaVA-1.5 stage 1: <image>, caption, newline),
+    'vicuna_v1' (LLaVA-1.5 stage 2: system prompt, USER:/ASSISTANT:, the LLM's eos after each reply),
+    'llama_3', 'chatml' (= 'qwen_2'), 'tokenizer' (the LLM's own chat template); 'auto' = plain for
+    --stage pretrain, tokenizer for finetune. Only assistant replies and their end marker are supervised"""
+    image_position: Literal["auto", "keep", "first"] = "auto"
+    """where the visual tokens go in a turn with <image>: 'first' moves the mark to the start of its turn
+    followed by a newline (LLaVA's preprocess_multimodal), 'keep' leaves it where the record has it; 'auto' =
+    first for the named templates, keep for 'tokenizer'. A record without the mark gets it at the start of
+    its first user turn either way"""
+    system_prompt: str | None = None
+    """system prompt of samples that have none: None = the template's own (LLaVA's for the named templates,
+    whatever the LLM's chat template inserts for 'tokenizer'), '' = none (drops e.g. SmolLM2's default),
+    else this text"""
     verify_shards: Literal["full", "size"] = "full"
     """compare every shard with its manifest before training: 'full' reads every byte once (sha256 + a
     strict decode; a passing shard is stamped in the model cache so later runs skip it), 'size' checks size,

@@ -47,6 +47,7 @@ from trainer import checkpoint as ckpt_io
 from trainer.config import TrainConfig
 from trainer.data import StreamLayout, build_stream, make_loader, verify_shards
 from trainer.data.collate import record_skipped
+from trainer.data.conversations import text_format
 from trainer.models.build import (
     build_train_module,
     check_manifest_against,
@@ -162,9 +163,7 @@ class Trainer:
             seed=cfg.seed,
             shuffle_buffer=cfg.data.shuffle_buffer,
         )
-        fmt = (
-            cfg.data.format if cfg.data.format != "auto" else ("plain" if cfg.stage == "pretrain" else "chat")
-        )
+        fmt = text_format(cfg.data, cfg.stage)
         stream = build_stream(
             cfg.shards, self.manifest, self.tokenizer, fmt, cfg.data.max_length, self.layout, self.num_batches
         )

@@ -77,8 +77,7 @@ class SampleTransform:
         if reason is not None:
             return skipped_sample(sample, reason)
         try:
-            # the text-only call exists only for text-only samples: image samples keep the plain call
-            tokens = self.formatter(meta) if image else self.formatter(meta, has_image=False)
+            tokens = self.formatter(meta, has_image=image)
         except ConversationError as err:
             return skipped_sample(sample, str(err))
         out = dict(sample)
