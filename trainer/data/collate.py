@@ -121,7 +121,7 @@ class Collator:
             if self.consecutive_unusable >= MAX_CONSECUTIVE_UNUSABLE:
                 raise UnusableDataError(
                     f"the last {self.consecutive_unusable} samples were all unusable (the latest, "
-                    f"{s['id']!r}: {s['skip']}): a setting is wrong for these shards (--data.format, "
+                    f"{s['id']!r}: {s['skip']}): a setting is wrong for these shards (--data.conv-template, "
                     "--max-length, the LLM), or they need relabelling with this version's `pipeline label`"
                 )
 

@@ -208,7 +208,11 @@ def damaged_error(root: Path, found: dict[str, list[str]], num_checked: int) -> 
     names = sorted(found)
     first = names[0]
     problems = found[first]
-    detail = problems[0] + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else "")
+    detail = problems[0]
+    if len(problems) == 2:
+        detail += f", and {problems[1]}"
+    elif len(problems) > 2:
+        detail += f", {problems[1]}, and {len(problems) - 2} more"
     if len(names) == 1:
         return damaged(first, detail)
     others = ", ".join(Path(n).name for n in names[1:6]) + (", ..." if len(names) > 6 else "")

@@ -359,20 +359,18 @@ def check_shard(
             problem = _check_members(key, members, layout)
             if problem:
                 problems.append(problem)
+    # the most telling first: counts, then the checksum, then what is wrong inside samples
+    head = []
     if len(samples) != info.num_samples:
-        problems.insert(0, f"it holds {len(samples)} samples but the manifest records {info.num_samples}")
+        head.append(f"it holds {len(samples)} samples but the manifest records {info.num_samples}")
     num_text = sum(_sample_kinds(m) == "text" for _, m in samples)
     if num_text != info.num_text_only:
-        problems.append(
-            f"it holds {num_text} text-only samples but the manifest records {info.num_text_only}"
-        )
+        head.append(f"it holds {num_text} text-only samples but the manifest records {info.num_text_only}")
     if reader is not None:
         digest = reader.sha.hexdigest()
         if digest != info.sha256:
-            problems.insert(
-                0, f"its sha256 is {digest[:16]}... but the manifest records {info.sha256[:16]}..."
-            )
-    return problems
+            head.append(f"its sha256 is {digest[:16]}... but the manifest records {info.sha256[:16]}...")
+    return head + problems
 
 
 def _decode_problem(raw: dict[str, Any], layout) -> list[str]:
