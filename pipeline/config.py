@@ -20,10 +20,17 @@ class LabelConfig:
     """output folder OUT for shard-*.tar, manifest.json, wordlist.txt, rejects.parquet, config.yaml"""
     images: str | None = None
     """image root for a LLaVA JSON's relative image paths (default: the JSON's folder)"""
+    allow_outside_images: bool = False
+    """accept LLaVA image paths that are absolute or climb above --images with '..' (off: such records are
+    rejects and never opened)"""
     backend: str | None = None
     """encoder backend: hf or open_clip (default: the encoder's own default)"""
     encoder_path: str | None = None
     """local checkpoint folder/file for the encoder (default: the registry's)"""
+    image_aspect: Literal["crop", "pad", "resize"] = "crop"
+    """non-square images: crop (the encoder processor's own geometry: CLIP centre-crops, SigLIP squashes),
+    pad (LLaVA-1.5's expand2square: centred on a square of the encoder's mean colour, then the processor)
+    or resize (squash to a square)"""
     feature_layer: int = -2
     """hidden-state index cached as feat.npy (HF indexing: -1 last block, -2 LLaVA's second-to-last)"""
     wordlist: str | None = None

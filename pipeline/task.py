@@ -5,12 +5,18 @@ output shard ``OUT/shard-NNNNNN.tar`` plus its stats sidecar ``OUT/shard-NNNNNN.
 contract's one writer (``visalign.shards.ShardWriter``). It is what Dask maps (``pipeline.driver``), what
 ``--scheduler synchronous`` calls in-process, and what tests call directly.
 
-Per shard: images are decoded, validated and preprocessed in a thread pool that runs ahead of the model
-(bounded prefetch), so the forward pass does not wait on JPEG decoding; each batch goes through ONE encoder
-forward giving the LLaVA features (hidden layer ``feature_layer``) and the joint-space patch embeddings; the
-latter are searched against the cached word embeddings (``pipeline.search``). Optional expert encoders add
-their own features. A sample that cannot be serialised is a reject like an undecodable image; the shard is
-complete only once the writer has renamed it and written its sidecar (sha256, rejects, timings).
+Per shard: each record is checked first with the shared validator (``visalign.samples.check_record``: what
+the trainer could not use is a reject, with the validator's reason) and its json encoded once (a lone
+surrogate in an id, a caption, a source or a sidecar is a reject, never an aborted run); then images are
+decoded, validated and preprocessed (``--image-aspect``, ``visalign.images.Preprocess``) in a thread pool that
+runs ahead of the model (bounded prefetch), so the forward pass does not wait on JPEG decoding; each batch goes
+through ONE encoder forward giving the LLaVA features (hidden layer ``feature_layer``) and the joint-space
+patch embeddings; the latter are searched against the cached word embeddings (``pipeline.search``). Optional
+expert encoders add their own features. Text-only records (a LLaVA record without ``image``) skip the
+forward and are written as text-only samples, in input order among the others. Caption files and ``.json``
+sidecars that are not valid UTF-8 / JSON make their sample a reject (the text is what the LM is trained on;
+nothing is changed or dropped silently). The shard is complete only once the writer has renamed it and
+written its sidecar (sha256, size, counts, rejects, timings).
 
 Models and the word index are loaded once per process (``_CACHE``), keyed by their spec: tasks carry only
 paths and settings, never weights.
@@ -21,7 +27,6 @@ Letters: B batch, P patches, D feature width, E joint width, K top-k slots, N wo
 from __future__ import annotations
 
 import json
-import tarfile
 import threading
 import time
 from collections import deque
@@ -33,9 +38,11 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import LabelConfig
+from pipeline.sources import stable_reason
 from visalign import shards as S
 from visalign.config import ConfigError
 from visalign.errors import InputError
+from visalign.images import RejectError
 
 
 def resolve_device(device: str) -> str:
@@ -110,49 +117,91 @@ def encoder_options(cfg: LabelConfig) -> dict[str, Any]:
 
 
 # ---- decoding ahead of the model ------------------------------------------------------------------------
+def _text_of(data: bytes, what: str) -> str:
+    """Strict UTF-8 (a leading byte-order mark, as Windows editors write, is not text)."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise RejectError(
+            f"{what} is not valid UTF-8 ({err.reason} at byte {err.start}): re-save it as UTF-8"
+        ) from None
+
+
+def _record(item: dict[str, Any], tar_bytes: dict[str, bytes]) -> dict[str, Any]:
+    """The sample's json (without the image fields): id + conversations, or id + caption [+ meta]."""
+    meta: dict[str, Any] = {"id": item["id"]}
+    if "conversations" in item:
+        meta["conversations"] = item["conversations"]
+        return meta
+    caption = ""
+    if "caption_path" in item:
+        caption = _text_of(Path(item["caption_path"]).read_bytes(), "the caption file").strip()
+    elif "caption_member" in item:
+        data = tar_bytes.get(item["caption_member"])
+        if data is None:
+            raise RejectError(f"caption member {item['caption_member']!r} could not be read from the tar")
+        caption = _text_of(data, "the caption member").strip()
+    meta["caption"] = caption
+    extra = None
+    if "meta_path" in item:
+        extra = Path(item["meta_path"]).read_bytes()
+    elif "meta_member" in item:
+        extra = tar_bytes.get(item["meta_member"])
+        if extra is None:
+            raise RejectError(f"metadata member {item['meta_member']!r} could not be read from the tar")
+    if extra:
+        try:
+            meta["meta"] = json.loads(_text_of(extra, "the .json metadata"))
+        except json.JSONDecodeError as err:
+            raise RejectError(
+                f"the .json metadata is not valid JSON ({err.msg} at line {err.lineno} column {err.colno}): "
+                "fix or delete it"
+            ) from None
+    return meta
+
+
 def _decode_item(item: dict[str, Any], tar_bytes: dict[str, bytes], preprocessors: list, max_pixels: int):
-    """One item -> ``(item, [pixels per encoder], meta)`` or ``(item, None, reason)``; runs in a thread."""
-    from visalign.images import TAR_SEP, RejectError, load_image
+    """One item -> ``(item, [pixels per encoder] | [] for text only, meta)`` or ``(item, None, reason)``.
+
+    Runs in a thread. The record is validated (``check_record``) and its json encoded once before the image
+    is decoded, so a record the trainer could not use, or one that cannot be written (a lone surrogate in
+    an id, a caption, a source or a sidecar), costs no decode and no forward.
+    """
+    from visalign.images import TAR_SEP, load_image
+    from visalign.samples import check_record
 
     if item.get("reject"):
         return item, None, item["reject"]
     try:
+        meta = _record(item, tar_bytes)
+        has_image = not item.get("text_only")
+        problem = check_record(meta, has_image)
+        if problem:
+            return item, None, problem
+        if not has_image:
+            S.encode_json({**meta, "has_image": False})  # SampleEncodeError: nothing is written for it
+            return item, [], meta
         source = item["source"]
+        meta = {"id": meta["id"], "source": source, "orig_size": [0, 0], **meta}
+        S.encode_json(meta)
         if TAR_SEP in source:
             data: Any = tar_bytes.get(source.split(TAR_SEP, 1)[1])
             if data is None:
-                raise RejectError(f"member missing from tar: {source}")
+                raise RejectError(
+                    f"image member {source.split(TAR_SEP, 1)[1]!r} could not be read from the tar"
+                )
         else:
             data = source
         image, orig_size = load_image(data, max_pixels=max_pixels)
         pixels = [pre(image) for pre in preprocessors]
-        meta: dict[str, Any] = {"id": item["id"], "source": source, "orig_size": list(orig_size)}
-        if "conversations" in item:
-            meta["conversations"] = item["conversations"]
-        else:
-            caption = None
-            if "caption_path" in item:
-                caption = Path(item["caption_path"]).read_text(encoding="utf-8", errors="replace").strip()
-            elif "caption_member" in item:
-                caption = tar_bytes.get(item["caption_member"], b"").decode("utf-8", errors="replace").strip()
-            meta["caption"] = caption if caption is not None else ""
-            extra = None
-            if "meta_path" in item:
-                extra = Path(item["meta_path"]).read_bytes()
-            elif "meta_member" in item:
-                extra = tar_bytes.get(item["meta_member"])
-            if extra:
-                try:
-                    meta["meta"] = json.loads(extra)
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    pass  # a broken sidecar loses its metadata, not the image
+        meta["orig_size"] = list(orig_size)
         return item, pixels, meta
-    except RejectError as err:
-        return item, None, str(err)
+    except (RejectError, S.SampleEncodeError) as err:
+        return item, None, stable_reason(str(err))
     except OSError as err:  # unreadable caption sidecar, permission errors
-        return item, None, f"unreadable input: {type(err).__name__}: {err}"
+        return item, None, stable_reason(f"unreadable input: {type(err).__name__}: {err}")
     except Exception as err:  # noqa: BLE001 - one odd file (a decoder bug, an exotic mode) must not stop a run
-        return item, None, f"could not decode/preprocess: {type(err).__name__}: {err}"
+        return item, None, stable_reason(f"could not decode/preprocess: {type(err).__name__}: {err}")
 
 
 def _prefetch(fn, items: list, num_threads: int, window: int) -> Iterator:
@@ -172,11 +221,17 @@ def _prefetch(fn, items: list, num_threads: int, window: int) -> Iterator:
             yield result
 
 
+def preprocessors_for(cfg: LabelConfig, encoders: list) -> list:
+    """Each encoder's own preprocessing with the run's ``--image-aspect`` (pad: each with its mean colour)."""
+    return [enc.preprocess_spec.with_aspect(cfg.image_aspect) for enc in encoders]
+
+
 def label_shard(task: dict[str, Any], cfg: LabelConfig) -> dict[str, Any]:
     """Label one input partition into ``OUT/shard-NNNNNN.tar`` + sidecar; return the sidecar's stats.
 
     ``task``: ``{"index", "items", "out", "word_emb_path", "fingerprint", "expert_fingerprints"}`` (paths
     and strings only). Safe to rerun: it always rewrites the shard from scratch through a ``.tmp`` file.
+    Samples are written in input order (text-only ones among the image ones), whatever the batch size.
     """
     import torch
 
@@ -197,7 +252,8 @@ def label_shard(task: dict[str, Any], cfg: LabelConfig) -> dict[str, Any]:
     index_ = get_index(task["word_emb_path"], cfg.score, cfg.search_backend, device)
     items = task["items"]
 
-    # tar inputs: read every needed member of each source tar in one pass, up front
+    # tar inputs: read every needed member of each source tar in one pass, up front; what a damaged tar
+    # does not give becomes a reject of its sample
     tar_bytes: dict[str, bytes] = {}
     wanted: dict[str, set[str]] = {}
     for item in items:
@@ -206,49 +262,53 @@ def label_shard(task: dict[str, Any], cfg: LabelConfig) -> dict[str, Any]:
             names = wanted.setdefault(tar_path, set())
             names.update(x for x in (member, item.get("caption_member"), item.get("meta_member")) if x)
     for tar_path, names in wanted.items():
-        try:
-            tar_bytes.update(read_tar_members(tar_path, names))
-        except (tarfile.TarError, OSError):
-            pass  # its items become "member missing" rejects
+        tar_bytes.update(read_tar_members(tar_path, names))
 
-    preprocessors = [enc.preprocess] + [e.preprocess for e in experts]
+    preprocessors = preprocessors_for(cfg, [enc, *experts])
     rejects: list[dict[str, str]] = []
     timing = {"forward_s": 0.0, "search_s": 0.0, "wait_s": 0.0}
     autocast = device.startswith("cuda")
 
     def flush(batch: list[tuple[dict, list, dict]], writer: S.ShardWriter) -> None:
-        t0 = time.perf_counter()
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=autocast):
-            pixels_BCHW = torch.stack([b[1][0] for b in batch]).to(device)
-            main = enc(pixels_BCHW, feature_layer=cfg.feature_layer)
-            feats_BPD = main.feats_BPD.float().cpu().numpy().astype(np.float16)
-            joint_BPE = main.joint_BPE.float()
-            expert_feats = []
-            for j, e in enumerate(experts, start=1):
-                px = torch.stack([b[1][j] for b in batch]).to(device)
-                expert_feats.append(
-                    e(px, feature_layer=cfg.expert_feature_layer)
-                    .feats_BPD.float()
-                    .cpu()
-                    .numpy()
-                    .astype(np.float16)
-                )
-        t1 = time.perf_counter()
-        num_b, num_p, num_e = joint_BPE.shape
-        labels, scores = index_.search(joint_BPE.reshape(num_b * num_p, num_e), cfg.top_k)
-        labels_BPK = labels.reshape(num_b, num_p, cfg.top_k)
-        scores_BPK = scores.reshape(num_b, num_p, cfg.top_k)
-        t2 = time.perf_counter()
-        timing["forward_s"] += t1 - t0
-        timing["search_s"] += t2 - t1
-        for b, (item, _px, meta) in enumerate(batch):
-            experts_b = {name: ef[b] for name, ef in zip(cfg.experts, expert_feats)}
+        """One forward over the batch's images, then every entry written in input order."""
+        images = [b for b in batch if b[1]]
+        rows: dict[int, int] = {id(b[0]): r for r, b in enumerate(images)}
+        if images:
+            t0 = time.perf_counter()
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=autocast):
+                pixels_BCHW = torch.stack([b[1][0] for b in images]).to(device)
+                main = enc(pixels_BCHW, feature_layer=cfg.feature_layer)
+                feats_BPD = main.feats_BPD.float().cpu().numpy().astype(np.float16)
+                joint_BPE = main.joint_BPE.float()
+                expert_feats = []
+                for j, e in enumerate(experts, start=1):
+                    px = torch.stack([b[1][j] for b in images]).to(device)
+                    expert_feats.append(
+                        e(px, feature_layer=cfg.expert_feature_layer)
+                        .feats_BPD.float()
+                        .cpu()
+                        .numpy()
+                        .astype(np.float16)
+                    )
+            t1 = time.perf_counter()
+            num_b, num_p, num_e = joint_BPE.shape
+            labels, scores = index_.search(joint_BPE.reshape(num_b * num_p, num_e), cfg.top_k)
+            labels_BPK = labels.reshape(num_b, num_p, cfg.top_k)
+            scores_BPK = scores.reshape(num_b, num_p, cfg.top_k)
+            t2 = time.perf_counter()
+            timing["forward_s"] += t1 - t0
+            timing["search_s"] += t2 - t1
+        for item, pixels, meta in batch:
+            key = S.sample_key(meta["id"])
             try:
-                writer.write(
-                    S.sample_key(meta["id"]), feats_BPD[b], labels_BPK[b], scores_BPK[b], meta, experts_b
-                )
+                if not pixels:
+                    writer.write_text_only(key, meta)
+                    continue
+                b = rows[id(item)]
+                experts_b = {name: ef[b] for name, ef in zip(cfg.experts, expert_feats)}
+                writer.write(key, feats_BPD[b], labels_BPK[b], scores_BPK[b], meta, experts_b)
             except S.SampleEncodeError as err:
-                reject(item, str(err))
+                reject(item, stable_reason(str(err)))
 
     position = {id(item): i for i, item in enumerate(items)}
 
@@ -260,6 +320,7 @@ def label_shard(task: dict[str, Any], cfg: LabelConfig) -> dict[str, Any]:
     window = max(2 * cfg.batch_size, 2 * cfg.decode_threads)
     with S.ShardWriter(out, index) as writer:
         batch: list = []
+        num_images = 0
         decoded = _prefetch(
             lambda it: _decode_item(it, tar_bytes, preprocessors, cfg.max_image_pixels),
             items,
@@ -277,9 +338,10 @@ def label_shard(task: dict[str, Any], cfg: LabelConfig) -> dict[str, Any]:
                 reject(item, meta_or_reason)
                 continue
             batch.append((item, pixels, meta_or_reason))
-            if len(batch) == cfg.batch_size:
+            num_images += bool(pixels)
+            if num_images == cfg.batch_size:
                 flush(batch, writer)
-                batch = []
+                batch, num_images = [], 0
         if batch:
             flush(batch, writer)
         timing_s = {k: round(v, 4) for k, v in timing.items()}

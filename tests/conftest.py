@@ -142,15 +142,10 @@ def write_tiny_shards(
                 else:
                     writer.write(f"s{i:04d}", feat, labels, scores, meta)
             stats = writer.close()
-        infos.append(
-            S.ShardInfo(
-                name=stats["name"],
-                num_samples=stats["num_samples"],
-                sha256=stats["sha256"],
-                num_text_only=stats["num_text_only"],
-                num_bytes=(root / stats["name"]).stat().st_size if record_sizes else None,
-            )
-        )
+        info = S.shard_info(root, stats)
+        if not record_sizes:
+            info.num_bytes = None
+        infos.append(info)
     side = int(round(P**0.5))
     manifest = S.Manifest(
         encoder=S.EncoderInfo(

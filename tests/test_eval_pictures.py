@@ -110,6 +110,18 @@ def test_view_geometry_falls_back_to_the_encoder_family():
     from types import SimpleNamespace
 
     enc = SimpleNamespace(name="no-such-siglip", backend="hf", path="/nonexistent", image_size=384)
-    assert words_on_cells.view_geometry(SimpleNamespace(encoder=enc)) == (384, "squash", "floor")
+    assert words_on_cells.view_geometry(SimpleNamespace(encoder=enc)) == (
+        384,
+        "squash",
+        "floor",
+        "crop",
+        None,
+    )
     enc = SimpleNamespace(name="no-such-clip", backend="hf", path="/nonexistent", image_size=336)
-    assert words_on_cells.view_geometry(SimpleNamespace(encoder=enc)) == (336, "shortest", "floor")
+    assert words_on_cells.view_geometry(SimpleNamespace(encoder=enc)) == (
+        336,
+        "shortest",
+        "floor",
+        "crop",
+        None,
+    )

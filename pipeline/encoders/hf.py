@@ -95,8 +95,12 @@ class HFVisionEncoder(VisionEncoder):
             from transformers import SiglipModel as model_cls
         # fp32 on load whatever the checkpoint stores: the caller casts (e.g. fp16 on GPU) after the
         # fingerprint is taken, so the same weights always give the same fingerprint.
-        self.model = model_cls.from_pretrained(str(path), dtype=torch.float32).eval().requires_grad_(False)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        self.model = (
+            model_cls.from_pretrained(str(path), dtype=torch.float32, trust_remote_code=False)
+            .eval()
+            .requires_grad_(False)
+        )
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
         self.model_type = model_type
         self.name = name
         self.path = str(path)

@@ -7,8 +7,9 @@
             ...
     S.check_shard(path, m.shards[i], S.sample_layout(m), full=True)  # [] = as the manifest records it
 
-Writing goes through ``S.ShardWriter`` (one shard), ``S.write_wordlist``, ``S.write_rejects`` and, last,
-``S.write_manifest``.
+Writing goes through ``S.ShardWriter`` (one shard: ``write`` an image sample, ``write_text_only`` a sample
+without an image; ``S.shard_info`` turns its sidecar into the manifest's entry), ``S.write_wordlist``,
+``S.write_rejects`` and, last, ``S.write_manifest``.
 """
 
 from visalign.hashing import sha256_file
@@ -54,7 +55,9 @@ from visalign.shards.writer import (
     encode_json,
     encode_npy,
     encode_sample,
+    encode_text_only,
     sample_key,
+    shard_info,
     shard_is_complete,
     wordlist_sha256,
     wordlist_text,
@@ -94,6 +97,7 @@ __all__ = [
     "encode_json",
     "encode_npy",
     "encode_sample",
+    "encode_text_only",
     "has_image",
     "iter_raw",
     "iter_tar",
@@ -102,6 +106,7 @@ __all__ = [
     "sample_key",
     "sample_layout",
     "sha256_file",
+    "shard_info",
     "shard_is_complete",
     "shard_name",
     "sidecar_name",

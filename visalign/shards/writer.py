@@ -8,8 +8,10 @@ shards. The rules it keeps (docs/shards.md):
   checksum matches, and a file with a final name is never half-written;
 * tar headers are fixed (mtime 0, uid/gid 0, mode 644), so the same content always has the same bytes;
 * a sample is encoded completely (arrays and JSON) before its first member is written, so a sample that
-  cannot be serialised (``SampleEncodeError``, e.g. a lone surrogate in a caption) leaves the tar untouched
-  and the caller records it as a reject;
+  cannot be serialised (``SampleEncodeError``, e.g. a lone surrogate in a caption, an id or a source) leaves
+  the tar untouched and the caller records it as a reject;
+* a text-only sample (``write_text_only``) is its ``json`` member alone, with ``"has_image": false``; the
+  sidecar counts them (``num_text_only``) and records the tar's size (``num_bytes``);
 * JSON files and the manifest are written to a ``.tmp`` and renamed; the manifest is written last.
 
 Letters: P patches, D feature width, K top-k slots.
@@ -38,6 +40,7 @@ from visalign.shards.schema import (
     REJECTS,
     SCORES,
     Manifest,
+    ShardInfo,
     shard_name,
     sidecar_name,
 )
@@ -157,6 +160,13 @@ def encode_sample(
     return members
 
 
+def encode_text_only(key: str, meta: dict[str, Any]) -> list[tuple[str, bytes]]:
+    """The one member of a text-only sample: its json, with ``"has_image": false`` and no ``source``."""
+    if "source" in meta:
+        raise ValueError("a text-only sample has no 'source' (there is no image to point at)")
+    return [(f"{key}.{META}", encode_json({**meta, "has_image": False}))]
+
+
 class ShardWriter:
     """Streams samples into ``OUT/shard-NNNNNN.tar.tmp``; ``close(stats)`` publishes the tar, then the sidecar.
 
@@ -191,19 +201,22 @@ class ShardWriter:
         self.num_samples += 1
 
     def write_text_only(self, key: str, meta: dict[str, Any]) -> None:
-        """Append a text-only sample (schema 2): its json alone, with ``"has_image": false``."""
-        data = encode_json({**meta, "has_image": False})
-        _add_member(self._tar, f"{key}.{META}", data)
+        """Append one sample without an image (its ``json`` only, ``"has_image": false``); raises
+        ``SampleEncodeError`` (nothing written) when it cannot be serialised."""
+        for name, data in encode_text_only(key, meta):
+            _add_member(self._tar, name, data)
         self.num_samples += 1
         self.num_text_only += 1
 
     def close(self, stats: dict[str, Any] | None = None) -> dict[str, Any]:
-        """fsync + rename the tar, then write the sidecar (``stats`` + name, index, num_samples, sha256)."""
+        """fsync + rename the tar, then write the sidecar (``stats`` + name, index, num_samples,
+        num_text_only, num_bytes, sha256)."""
         self._tar.close()
         self._raw.flush()
         os.fsync(self._raw.fileno())
         self._raw.close()
         sha = sha256_file(self.tmp)
+        num_bytes = self.tmp.stat().st_size
         os.replace(self.tmp, self.final)  # the final name only ever points at a complete, fsynced tar
         fsync_dir(self.root)
         sidecar = {
@@ -212,6 +225,7 @@ class ShardWriter:
             "num_samples": self.num_samples,
             "num_text_only": self.num_text_only,
             **(stats or {}),
+            "num_bytes": num_bytes,
             "sha256": sha,
         }
         write_json_atomic(self.root / sidecar_name(self.index), sidecar)
@@ -234,6 +248,19 @@ class ShardWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None or not self._closed:
             self.abort()
+
+
+def shard_info(root: str | Path, sidecar: dict[str, Any]) -> ShardInfo:
+    """The manifest's entry of a complete shard, from its sidecar (``num_bytes`` from the tar itself, so a
+    sidecar written before sizes were recorded gives it too)."""
+    return ShardInfo(
+        name=sidecar["name"],
+        num_samples=int(sidecar["num_samples"]),
+        sha256=sidecar["sha256"],
+        num_rejects=int(sidecar.get("num_rejects", 0)),
+        num_text_only=int(sidecar.get("num_text_only", 0)),
+        num_bytes=(Path(root) / sidecar["name"]).stat().st_size,
+    )
 
 
 def shard_is_complete(root: str | Path, index: int) -> dict[str, Any] | None:
