@@ -40,6 +40,10 @@ class DataConfig:
     """system prompt of samples that have none: None = the template's own (LLaVA's for the named templates,
     whatever the LLM's chat template inserts for 'tokenizer'), '' = none (drops e.g. SmolLM2's default),
     else this text"""
+    verify_shards: Literal["full", "size"] = "full"
+    """compare every shard with its manifest before training: 'full' reads every byte once (sha256 + a
+    strict decode; a passing shard is stamped in the model cache so later runs skip it), 'size' checks size,
+    tar headers and sample counts only (seconds, but misses bytes changed in place)"""
 
 
 @dataclasses.dataclass

@@ -47,7 +47,8 @@ from torch import nn
 from trainer import checkpoint as ckpt_io
 from trainer import tracking
 from trainer.config import TrainConfig
-from trainer.data import StreamLayout, build_stream, make_loader
+from trainer.data import StreamLayout, build_stream, make_loader, verify_shards
+from trainer.data.collate import record_skipped
 from trainer.data.conversations import text_format
 from trainer.models.build import (
     build_train_module,
@@ -119,6 +120,8 @@ class Trainer:
             self.run.mkdir(parents=True, exist_ok=True)
         set_seed(cfg.seed)  # same init on every rank; resume overwrites RNGs from the checkpoint
         self.manifest = read_manifest(cfg.shards)
+        verify_shards(cfg.shards, self.manifest, cfg.data.verify_shards, acc.process_index, acc.num_processes,
+                      cache_dir=cfg.model.cache_dir, progress=acc.is_main_process and cfg.logging.progress)  # fmt: skip
         self.step = 0
         self.num_batches = 0  # micro-batches this rank consumed from the stream (its loader position)
 
@@ -257,6 +260,7 @@ class Trainer:
             metrics["samples_per_s"] = metrics.pop("num_samples") / elapsed
             metrics["tokens_per_s"] = metrics.pop("num_tokens") / elapsed
             self.record_seen(micro_batches)
+            record_skipped(self.run, acc.process_index, self.step, micro_batches)
             bar.update(1)
             bar.set_postfix(
                 {k: f"{v:.4g}" for k, v in metrics.items() if k.endswith("_loss") or "per_s" in k}
@@ -287,11 +291,12 @@ class Trainer:
                 sum(b["num_target_tokens"] for b in micro_batches),
                 sum(int(b["attention_mask_BT"].sum()) for b in micro_batches),
                 sum(len(b["ids"]) for b in micro_batches),
+                sum(len(b.get("skipped", ())) for b in micro_batches),
             ],
             dtype=torch.float64,
             device=acc.device,
         )
-        num_targets, num_tokens, num_samples = acc.reduce(local, reduction="sum").tolist()
+        num_targets, num_tokens, num_samples, num_skipped = acc.reduce(local, reduction="sum").tolist()
         normaliser = max(num_targets, 1.0) / acc.num_processes / num_accum
 
         sums: dict[str, float] = defaultdict(float)
@@ -327,6 +332,7 @@ class Trainer:
         metrics["lr"] = lr
         metrics["grad_norm"] = float(grad_norm)
         metrics["num_samples"], metrics["num_tokens"] = num_samples, num_tokens
+        metrics["skipped_samples"] = num_skipped  # unusable samples left out of this step, all ranks
         return metrics
 
     def forward_backward(self, batch: dict[str, Any], step: StepContext, num_accum: int) -> dict[str, float]:
@@ -463,7 +469,11 @@ class Trainer:
 
     def _truncate_logs(self, step: int) -> None:
         """Drop log records written after the checkpoint we resume from (a crash after it re-runs them)."""
-        for path in [self.run / LOG_FILE, *self.run.glob("seen-rank*.jsonl")]:
+        for path in [
+            self.run / LOG_FILE,
+            *self.run.glob("seen-rank*.jsonl"),
+            *self.run.glob("skipped-rank*.jsonl"),
+        ]:
             if path.is_file():
                 lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
                 path.write_text("".join(ln + "\n" for ln in lines))

@@ -14,6 +14,10 @@ processes ``chunk_size`` rows at a time in a custom autograd Function that compu
 gradient together (the loss is a scalar) and keeps no softmax for the backward, so peak memory is O(chunk x N)
 instead of O(P x N) per tensor, with the same three GEMMs per row as plain autograd.
 
+Text-only samples (``has_image_B`` False) are left out: the batch means above run over the image rows of the
+micro-batch. A micro-batch without an image gives zeros attached to V (the projector; BASIC owns no
+parameter), so every rank still syncs every gradient; its report items are 0.
+
 Letters: B batch, P patches, D/d width, N vocabulary, M flattened rows (B*P), C rows of one chunk, k layers.
 """
 
@@ -25,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from trainer.objectives.base import Needs, Objective, ObjectiveContext, StepContext
+from trainer.objectives.base import Needs, Objective, ObjectiveContext, StepContext, image_mask
 from visalign.config import ConfigError
 
 
@@ -181,8 +185,15 @@ class BasicObjective(Objective):
         self, batch: dict[str, Any], out: Any, step: StepContext
     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         v_BPd = out.visual_BPd
+        image_B = image_mask(batch, v_BPd.shape[0], v_BPd.device)
+        if not bool(image_B.any()):
+            zero = v_BPd.sum() * 0.0
+            report = {"basic/das": 0.0, "basic/sds": 0.0, "basic/cos_v_vhat": 0.0, "basic/attn_entropy": 0.0}
+            return {"basic_das_loss": zero, "basic_sds_loss": zero.clone()}, report
         v_hat_BPd = self.target(out)
         a_BP = self.patch_weights(out)
+        if not bool(image_B.all()):
+            v_BPd, v_hat_BPd, a_BP = v_BPd[image_B], v_hat_BPd[image_B], a_BP[image_B]
         das = das_loss(v_BPd, v_hat_BPd, a_BP)
         sds = sds_loss(v_BPd, v_hat_BPd, out.embed_Nd, a_BP, chunk_size=self.cfg.sds_chunk_size or None)
         with torch.no_grad():
