@@ -535,3 +535,45 @@ def test_smollm2_default_system_prompt_dropped_or_replaced(cache_dir):
     for enc in (kept, dropped, replaced):
         sup = [t for t, label in zip(enc.input_ids, enc.labels) if label != IGNORE_INDEX]
         assert smol.decode(sup) == "A cat on a sofa.<|im_end|>\nGinger.<|im_end|>\n"
+
+
+@pytest.mark.parametrize(
+    "fmt",
+    [
+        TextFormat("vicuna_v1"),
+        TextFormat("vicuna_v1", system_prompt=""),
+        TextFormat("chatml"),
+        TextFormat("chatml", system_prompt="Be brief."),
+        TextFormat("llama_3"),
+        TextFormat("tokenizer", system_prompt="Be brief."),
+    ],
+    ids=lambda f: f"{f.template}-{f.system_prompt!r}",
+)
+def test_exported_chat_template_prompts_the_trained_format(smol_like, llama3_tok, fmt):
+    """The chat template an export ships (``inference_chat_template``) renders a conversation exactly as
+    training did, and its generation prompt ends where each supervised reply begins."""
+    from trainer.data.conversations import inference_chat_template, render
+
+    tokenizer = {"llama_3": llama3_tok, "tokenizer": smol_like}.get(fmt.template, smol_like)
+    template = inference_chat_template(fmt, tokenizer)
+    assert template is not None
+    for turns in (TWO_TURNS, [{"from": "system", "value": "Answer in French."}] + TWO_TURNS):
+        rendered = render(fmt, tokenizer, record(turns), has_image=True)
+        messages = [
+            {"role": {"human": "user", "gpt": "assistant"}.get(t["from"], t["from"]), "content": t["value"]}
+            for t in turns
+        ]
+
+        def chat(msgs, generation):
+            return tokenizer.apply_chat_template(
+                msgs, chat_template=template, tokenize=False, add_generation_prompt=generation
+            )
+
+        assert chat(messages, False) == rendered.text
+        replies = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        for (start, _end), i in zip(rendered.supervised, replies):
+            prompt = chat(messages[:i], True)
+            # the prompt is the text up to the reply (vicuna supervises the space after "ASSISTANT:")
+            assert rendered.text.startswith(prompt) and len(prompt) == start, (prompt[-30:], start)
+    assert inference_chat_template(TextFormat("plain"), smol_like) is None
+    assert inference_chat_template(TextFormat("tokenizer"), smol_like) is None  # the LLM's own is right

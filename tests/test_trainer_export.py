@@ -161,6 +161,25 @@ def test_chat_template_takes_strings_and_content_lists(finetuned):
         processor.apply_chat_template([{"role": "user", "content": [{"type": "video"}]}])
 
 
+def test_vicuna_trained_export_is_prompted_in_vicuna(finetuned, tmp_path):
+    """A run trained with --data.conv-template vicuna_v1 ships a chat template that prompts in vicuna_v1 (the
+    LLM's own ChatML would ask a question the model never saw)."""
+    from transformers import AutoProcessor
+
+    _, _, shards = finetuned
+    run = trained_run(tmp_path, shards, "--stage", "finetune", "--data.conv-template", "vicuna_v1")
+    out = tmp_path / "hf"
+    assert main(["export", str(run), "--format", "hf-llava", "--out", str(out)]) == 0
+    processor = AutoProcessor.from_pretrained(out)
+    as_list = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    system = "A chat between a curious user and an artificial intelligence assistant. "
+    assert processor.apply_chat_template(as_list, add_generation_prompt=True) == (
+        system + "The assistant gives helpful, detailed, and polite answers to the user's questions. "
+        f"USER: <image>\n{QUESTION} ASSISTANT:"
+    )
+    assert json.loads((out / "visalign_export.json").read_text())["conversation_format"] == "vicuna_v1"
+
+
 def test_generate_from_a_raw_image_through_autoprocessor(finetuned):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 

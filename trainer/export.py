@@ -50,6 +50,7 @@ from typing import Any
 
 import torch
 
+from trainer.data.conversations import inference_chat_template, text_format
 from trainer.models.portable import portable_chat_template, portable_tokenizer_config, with_legacy_rope
 from trainer.models.vision import (
     VISION_TOWERS,
@@ -458,8 +459,19 @@ def export_hf_llava(
         "vision_feature_select_strategy": strategy,
         "num_additional_image_tokens": num_extra,
     }
+    # prompt the exported model in the format it was trained on (vicuna_v1, chatml, llama_3, or the LLM's own)
+    fmt = text_format(run.train_cfg.data, run.train_cfg.stage)
+    trained_template = inference_chat_template(fmt, tokenizer)
+    if trained_template is not None:
+        tokenizer.chat_template = trained_template
+    elif fmt.template == "tokenizer" and fmt.system_prompt == "":
+        log.warning(
+            "the run dropped the LLM's default system prompt (--data.system-prompt ''); the exported chat "
+            "template is the LLM's own and inserts it: pass a system message when prompting the export"
+        )
     facts = _run_facts(run.checkpoint, run.state, run.train_cfg, manifest)
     facts.update(
+        conversation_format=fmt.template,
         format="hf-llava",
         dtype=dtype,
         image_token_index=image_id,

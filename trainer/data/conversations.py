@@ -361,6 +361,71 @@ def render(
     return out.done(system or None)
 
 
+def _jinja_string(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+def inference_chat_template(fmt: TextFormat, tokenizer: Any) -> str | None:
+    """A Jinja chat template that renders a conversation exactly as ``render`` does in format ``fmt``, and,
+    with ``add_generation_prompt``, ends where the first supervised character of the next reply starts: what
+    an exported model must be prompted with. ``None`` where the LLM's own template is the right one
+    (``tokenizer`` without a system-prompt setting) or where there is no chat (``plain``, stage 1)."""
+    template = fmt.template
+    if template == "plain":
+        return None
+    if template == "tokenizer":
+        own = getattr(tokenizer, "chat_template", None)
+        if not own or not fmt.system_prompt:  # None keeps the template's default; "" cannot be expressed
+            return None
+        # a system prompt set by --data.system-prompt: put it in front unless the conversation has one
+        return (
+            "{%- if not messages or messages[0]['role'] != 'system' -%}"
+            "{%- set messages = [{'role': 'system', 'content': "
+            + _jinja_string(fmt.system_prompt)
+            + "}] + messages -%}"
+            "{%- endif -%}" + own
+        )
+    default = DEFAULT_SYSTEM[template] if fmt.system_prompt is None else fmt.system_prompt
+    head = (
+        "{%- if messages and messages[0]['role'] == 'system' -%}"
+        "{%- set system = messages[0]['content'] -%}{%- set messages = messages[1:] -%}"
+        "{%- else -%}{%- set system = " + _jinja_string(default) + " -%}{%- endif -%}"
+    )
+    # every literal goes through {{ '...' }} so that whitespace trimming ({%- -%}) never eats a space or a
+    # newline of the format itself
+    if template == "vicuna_v1":
+        eos = _jinja_string(tokenizer.eos_token or "")
+        body = (
+            "{%- if system -%}{{ system + ' ' }}{%- endif -%}"
+            "{%- for message in messages -%}"
+            "{%- if message['role'] == 'user' -%}{{ 'USER: ' + message['content'] + ' ' }}"
+            "{%- else -%}{{ 'ASSISTANT: ' + message['content'] + " + eos + " }}{%- endif -%}"
+            "{%- endfor -%}"
+            "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
+        )
+    elif template == "llama_3":
+        body = (
+            "{{- " + _jinja_string(tokenizer.bos_token or "") + " -}}"
+            "{%- if system -%}"
+            "{{ '<|start_header_id|>system<|end_header_id|>\\n\\n' + (system | trim) + '<|eot_id|>' }}"
+            "{%- endif -%}"
+            "{%- for message in messages -%}"
+            "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + (message['content'] | trim)"
+            " + '<|eot_id|>' }}"
+            "{%- endfor -%}"
+            "{%- if add_generation_prompt -%}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif -%}"
+        )
+    else:  # chatml
+        body = (
+            "{%- if system -%}{{ '<|im_start|>system\\n' + system + '<|im_end|>\\n' }}{%- endif -%}"
+            "{%- for message in messages -%}"
+            "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+            "{%- endfor -%}"
+            "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+        )
+    return head + body
+
+
 # ---------------------------------------------------------------------------------------------------------
 # tokens
 # ---------------------------------------------------------------------------------------------------------
