@@ -42,6 +42,12 @@ def run_one(variant: str, num_patches: int, vocab: int, width: int, chunk: int, 
     v_BPd = torch.randn(1, num_patches, width, device=device).mul_(0.5).requires_grad_(True)
     v_hat_BPd = torch.randn(1, num_patches, width, device=device).mul_(0.5)
     a_BP = torch.softmax(torch.randn(1, num_patches, device=device), -1)
+    # the BLAS/OpenMP runtime's one-time setup (thread pools, per-thread packing buffers: ~18 MiB on CPU) is
+    # paid by the first GEMM of a process; a training process has paid it long before the loss runs, so a
+    # small GEMM + softmax of the same width pays it here, before the baseline, for every variant alike
+    warm_Cd = torch.randn(64, width, device=device)
+    torch.log_softmax(warm_Cd @ embed_Nd[:1024].T, dim=-1)
+    del warm_Cd
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
