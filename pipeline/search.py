@@ -65,8 +65,8 @@ BLOCK = 64
 CHUNK_BYTES = 128 << 20
 """screened scores held at once (one chunk of queries); the buffer is kept, since fresh large allocations
 pay page faults on every call"""
-PAIR_CHUNK = 2048
-"""(query, word) pairs re-scored at once: small temporaries are reused by the allocator"""
+PAIR_CHUNK = 256
+"""(query, word) pairs re-scored at once: their float64 rows stay in the CPU's cache"""
 
 
 def faiss_available() -> bool:
@@ -154,7 +154,6 @@ class WordIndex:
             self._index = index
             return
         self._words_NE = torch.from_numpy(signed_NE).to(device)
-        self._words64_NE = self._words_NE.double()  # the re-score's operand (a float32 gather would be cast)
         self._set_screen(torch.bfloat16 if self.backend == "bf16" else torch.float32)
 
     def _set_screen(self, dtype: torch.dtype) -> None:
@@ -172,7 +171,7 @@ class WordIndex:
         self._screen_NE = screen_NE
         rows = max(1, CHUNK_BYTES // (screen_NE.shape[0] * screen_NE.element_size()))
         self._buffer_RN = torch.empty(rows, screen_NE.shape[0], dtype=dtype, device=screen_NE.device)
-        w64_NE = self._words64_NE
+        w64_NE = words_NE.double()
         rounded64_NE = screen_NE[:num_words].double()
         self._max_norm = float(w64_NE.norm(dim=1).max()) if num_words else 0.0
         self._max_rounded_norm = float(rounded64_NE.norm(dim=1).max()) if num_words else 0.0
@@ -260,39 +259,40 @@ class WordIndex:
             + q64_CE.shape[1] * 2.0**-50 * self._max_norm
         ) * (1 + 1e-6) + 1e-12
 
-        # lower bound of the k-th screened score per query: the k-th largest block maximum (on bit
-        # patterns, which order positive floats; a non-positive result sends the query to the row route)
+        # L = lo(k-th screened score) bounds the exact k-th score from below. Words scoring < 0 are absent
+        # whatever their rank, so a word is a candidate iff hi(ŝ) >= max(L, 0). The k-th largest block
+        # maximum stands in for the k-th screened score (a lower bound: the list only grows); on bit
+        # patterns, which order positive floats (a non-positive one gives no bound: L = -inf).
         bits_CBW = s_CN.view(int_dtype).view(num_c, self._num_blocks, BLOCK)
-        block_max_CB = bits_CBW.amax(dim=-1)
-        if self._num_blocks >= k:
-            kth_bits_C = torch.topk(block_max_CB.int(), k, dim=1, sorted=False).values.amin(dim=1)
-            kth_C = kth_bits_C.to(int_dtype).view(dtype).double()
-            threshold_C = self._threshold(kth_C, d1_C)
-            fast_C = (kth_bits_C > 0) & (threshold_C > 0)
-        else:
-            threshold_C = torch.zeros(num_c, dtype=torch.float64, device=q64_CE.device)
-            fast_C = torch.zeros(num_c, dtype=torch.bool, device=q64_CE.device)
-
         parts = []  # (rows_M, cols_M, screened_M), each (row, col) ascending
-        if bool(fast_C.any()):
-            t_bits_C = self._floor_bits(torch.where(fast_C, threshold_C, torch.ones_like(threshold_C)))
-            r_b, b_b = ((block_max_CB >= t_bits_C[:, None]) & fast_C[:, None]).nonzero(as_tuple=True)
+        if self._num_blocks >= k:
+            block_max_CB = bits_CBW.amax(dim=-1).long()
+            kth_bits_C = torch.topk(block_max_CB, k, dim=1, sorted=False).values.amin(dim=1)
+            kth_C = kth_bits_C.to(int_dtype).view(dtype).double()
+            low_C = torch.where(kth_bits_C > 0, self._low(kth_C, d1_C), torch.zeros_like(kth_C))
+            t_C = self._hi_inverse(low_C.clamp(min=0), d1_C)
+            # ŝ >= t  <=>  bits >= up_C (values >= 0)  or  bits <= down_C (values in [t, -0.0] when t < 0)
+            up_C, down_C = self._bit_thresholds(t_C)
+            cand_CB = block_max_CB >= up_C[:, None]
+            low_rows = (t_C <= 0).nonzero().squeeze(1)
+            if len(low_rows):
+                block_min_RB = bits_CBW[low_rows].amin(dim=-1).long()
+                cand_CB[low_rows] |= block_min_RB <= down_C[low_rows, None]
+            r_b, b_b = cand_CB.nonzero(as_tuple=True)
             vals_bits = bits_CBW[r_b, b_b]  # [candidate blocks, BLOCK]
-            i, pos = (vals_bits >= t_bits_C[r_b, None]).nonzero(as_tuple=True)
+            vals_int = vals_bits.long()
+            i, pos = ((vals_int >= up_C[r_b, None]) | (vals_int <= down_C[r_b, None])).nonzero(as_tuple=True)
             parts.append((r_b[i], b_b[i] * BLOCK + pos, vals_bits[i, pos].view(dtype)))
-        slow_rows = (~fast_C).nonzero().squeeze(1)
-        self.stats["row_route"] += len(slow_rows)
-        step = max(1, CHUNK_BYTES // 2 // (s_CN.shape[1] * 4))
-        for a in range(0, len(slow_rows), step):  # float32 copies of whole rows: a few at a time
-            rows = slow_rows[a : a + step]
-            s_RN = s_CN[rows].float()
-            kth_R = torch.topk(s_RN, k, dim=1, sorted=False).values.amin(dim=1).double()
-            t_R = self._threshold(kth_R, d1_C[rows])
-            t32_R = t_R.float()
-            down = torch.nextafter(t32_R, torch.full_like(t32_R, -math.inf))
-            t32_R = torch.where(t32_R.double() > t_R, down, t32_R)
-            r_s, c_s = (s_RN >= t32_R[:, None]).nonzero(as_tuple=True)
-            parts.append((rows[r_s], c_s, s_RN[r_s, c_s]))
+        else:  # fewer blocks than k (short lists): the k-th screened score of each whole row
+            self.stats["row_route"] += num_c
+            s_CN32 = s_CN[:, : self.num_words].float()
+            kth_C = torch.topk(s_CN32, k, dim=1, sorted=False).values.amin(dim=1).double()
+            t_C = self._hi_inverse(self._low(kth_C, d1_C).clamp(min=0), d1_C)
+            t32_C = t_C.float()
+            down = torch.nextafter(t32_C, torch.full_like(t32_C, -math.inf))
+            t32_C = torch.where(t32_C.double() > t_C, down, t32_C)
+            r_s, c_s = (s_CN32 >= t32_C[:, None]).nonzero(as_tuple=True)
+            parts.append((r_s, c_s, s_CN32[r_s, c_s]))
         rows_M = torch.cat([p[0] for p in parts])
         cols_M = torch.cat([p[1] for p in parts])
         screened_M = torch.cat([p[2].double() for p in parts])
@@ -308,22 +308,41 @@ class WordIndex:
             return None
         return self._topk_of_pairs(raw_M, exact_M, rows_M, cols_M, num_c, k)
 
-    def _threshold(self, kth_C: torch.Tensor, d1_C: torch.Tensor) -> torch.Tensor:
-        """The smallest screened value whose ``hi`` can reach ``lo(kth)`` (conservative by a few ulps)."""
+    def _low(self, x_C: torch.Tensor, d1_C: torch.Tensor) -> torch.Tensor:
+        """lo(x): the smallest exact score a screened value x allows."""
+        return x_C - self._out_rel * x_C.abs() - d1_C
+
+    def _hi_inverse(self, low_C: torch.Tensor, d1_C: torch.Tensor) -> torch.Tensor:
+        """The smallest screened value x with hi(x) >= low (a little below it: conservative)."""
         u = self._out_rel
-        low_C = kth_C - u * kth_C.abs() - d1_C  # lo(kth)
         need_C = low_C - d1_C
         t_C = torch.where(need_C >= 0, need_C / (1 + u), need_C / (1 - u))
         return t_C - 1e-12 - 1e-9 * t_C.abs()
 
-    def _floor_bits(self, t_C: torch.Tensor) -> torch.Tensor:
-        """Bit pattern of a screen value <= t (t >= 0): every screened value >= t has bits >= it."""
-        t32 = t_C.float()
-        t32 = torch.where(t32.double() > t_C, torch.nextafter(t32, torch.zeros_like(t32)), t32)
-        bits = t32.view(torch.int32)
-        if self._screen_dtype == torch.bfloat16:
-            return (bits >> 16).to(torch.int16)  # truncation = rounding towards zero = down for t >= 0
-        return bits
+    def _bit_thresholds(self, t_C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(up, down)`` as int64 such that every screen value x >= t has ``bits(x) >= up`` (x >= 0) or
+        ``bits(x) <= down`` (x < 0: a sign bit set, so the pattern is negative and grows more negative
+        with |x|). For t > 0 no negative value qualifies; for t <= 0 every value >= 0 does."""
+        shift = 16 if self._screen_dtype == torch.bfloat16 else 0
+        sign_bit = -(1 << (31 - shift))  # bits of -0.0 as a signed pattern of the screen's width
+        mag32 = t_C.abs().float()
+        mag32 = torch.where(
+            mag32.double() < t_C.abs(), torch.nextafter(mag32, torch.full_like(mag32, math.inf)), mag32
+        )
+        # |t| rounded up to the screen's precision (an upper bound of the magnitudes to keep when t < 0)
+        up_mag = mag32.view(torch.int32).long()
+        if shift:
+            up_mag = (up_mag >> shift) + ((up_mag & ((1 << shift) - 1)) != 0).long()
+        # t rounded down to the screen's precision (a lower bound of the values to keep when t > 0)
+        mag32_down = t_C.float()
+        mag32_down = torch.where(
+            mag32_down.double() > t_C, torch.nextafter(mag32_down, torch.zeros_like(mag32_down)), mag32_down
+        )
+        down_mag = mag32_down.view(torch.int32).long() >> shift
+        positive = t_C > 0
+        up_C = torch.where(positive, down_mag, torch.zeros_like(down_mag))
+        down_C = torch.where(positive, torch.full_like(up_mag, sign_bit - 1), sign_bit + up_mag)
+        return up_C, down_C
 
     def _rescore(self, q64_CE: torch.Tensor, rows_M: torch.Tensor, cols_M: torch.Tensor) -> torch.Tensor:
         """float64 dot products of (query, word) pairs of float32 vectors: every product is exact, and a sum
@@ -331,13 +350,15 @@ class WordIndex:
         out = torch.empty(len(rows_M), dtype=torch.float64, device=q64_CE.device)
         step = min(PAIR_CHUNK, len(rows_M))
         q_PE = torch.empty(step, q64_CE.shape[1], dtype=torch.float64, device=q64_CE.device)
-        w_PE = torch.empty(step, q64_CE.shape[1], dtype=torch.float64, device=q64_CE.device)
+        w_PE = torch.empty(step, q64_CE.shape[1], dtype=torch.float32, device=q64_CE.device)
+        w64_PE = torch.empty(step, q64_CE.shape[1], dtype=torch.float64, device=q64_CE.device)
         for a in range(0, len(rows_M), step):
             r, c = rows_M[a : a + step], cols_M[a : a + step]
             n = len(r)
             torch.index_select(q64_CE, 0, r, out=q_PE[:n])
-            torch.index_select(self._words64_NE, 0, c, out=w_PE[:n])
-            q_PE[:n].mul_(w_PE[:n])
+            torch.index_select(self._words_NE, 0, c, out=w_PE[:n])
+            w64_PE[:n].copy_(w_PE[:n])
+            q_PE[:n].mul_(w64_PE[:n])
             torch.sum(q_PE[:n], dim=-1, out=out[a : a + n])
         return out
 
@@ -348,8 +369,10 @@ class WordIndex:
         order = torch.argsort(raw_M, descending=True, stable=True)
         order = order[torch.argsort(rows_M[order], stable=True)]
         counts = torch.bincount(rows_M, minlength=num_c)
-        if bool((counts < k).any()):
-            raise RuntimeError("the word search kept fewer than k candidates for a query: a bug")
         starts = torch.cumsum(counts, 0) - counts
-        idx_CK = order[starts[:, None] + torch.arange(k, device=rows_M.device)[None, :]]
-        return exact_M[idx_CK], cols_M[idx_CK]
+        slot_K = torch.arange(k, device=rows_M.device)
+        # a query may have fewer than k candidates: only words that can score >= 0 are kept
+        filled_CK = slot_K[None, :] < counts[:, None]
+        idx_CK = order[(starts[:, None] + slot_K[None, :]).clamp(max=max(len(order) - 1, 0))]
+        scores_CK = torch.where(filled_CK, exact_M[idx_CK], torch.full_like(exact_M[idx_CK], -math.inf))
+        return scores_CK, torch.where(filled_CK, cols_M[idx_CK], torch.full_like(cols_M[idx_CK], -1))

@@ -193,6 +193,46 @@ def test_rounding_that_reorders_across_bf16_steps_is_caught():
     np.testing.assert_array_equal(scores, ref_scores)
 
 
+def test_words_barely_above_zero_are_kept_when_the_screen_puts_them_below():
+    """Queries with fewer than k words scoring >= 0: the output is every word scoring >= 0, including those
+    whose exact score is a hair above 0 but whose screened score is negative (rounding against the query)."""
+    import torch
+
+    rng = np.random.default_rng(13)
+    width, k = 64, 10
+    axis = _unit(rng.normal(size=width))
+    w_rows = [_unit(3 * axis + rng.normal(size=(6000, width)) * 0.1)]  # every word on one side of `axis`
+    queries = [_unit(-axis + 0.3 * _unit(rng.normal(size=width))) for _ in range(6)]
+    for i, q in enumerate(queries):
+        # orthogonal to q and pointing away from the other queries: negative for them
+        away = -np.mean([x for j, x in enumerate(queries) if j != i], axis=0)
+        rows = []
+        for cos in rng.uniform(0, 2e-3, 300):
+            noise = _unit(away) + 0.05 * rng.normal(size=width)
+            noise = _unit(noise - q * (noise @ q))
+            rows.append(_rounding_biased(cos * q + np.sqrt(1 - cos**2) * noise, -np.sign(q)))
+        rows = np.stack(rows)
+        exact = rows.astype(np.float64) @ q.astype(np.float32).astype(np.float64)
+        q16 = torch.from_numpy(q).to(torch.bfloat16)
+        screened = (torch.from_numpy(rows).to(torch.bfloat16) @ q16).float().numpy()
+        hairline = rows[(exact >= 0) & (screened < 0)][:3]  # >= 0 exactly, < 0 in bf16
+        assert len(hairline) == 3
+        noise = _unit(away - q * (away @ q))
+        w_rows.append(np.concatenate([hairline, [0.05 * q + np.sqrt(1 - 0.05**2) * noise]]))
+    perm = rng.permutation(6000 + 6 * 4)
+    w_NE = np.concatenate(w_rows)[perm].astype(np.float32)
+    q_QE = np.asarray(queries, dtype=np.float32)
+    ref_labels, ref_scores = _reference64(q_QE, w_NE, k)
+    assert ((ref_labels >= 0).sum(axis=1) == 4).all(), "fewer than k words score >= 0: the 4 built ones"
+
+    for backend in SCREENED:
+        index = WordIndex(w_NE, backend=backend)
+        labels, scores = index.search(q_QE, k)
+        np.testing.assert_array_equal(labels, ref_labels)
+        np.testing.assert_array_equal(scores, ref_scores)
+        assert index.stats["row_route"] == 0
+
+
 def test_bf16_and_torch_screens_give_identical_output():
     rng = np.random.default_rng(3)
     w_NE = _unit(rng.normal(size=(5000, 96))).astype(np.float32)

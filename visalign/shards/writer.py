@@ -45,7 +45,6 @@ from visalign.shards.schema import (
     sidecar_name,
 )
 
-
 COPY_BUFSIZE = 8 << 20
 
 
