@@ -62,7 +62,13 @@ class LabelConfig:
     device: str = "auto"
     """auto (cuda if available), cpu or cuda"""
     search_backend: str = "auto"
-    """top-k search: auto (faiss if installed), faiss or torch"""
+    """exact top-k search: bf16 (bfloat16 screen + float64 re-score of the candidates), torch (the same with
+    a float32 screen), faiss (IndexFlatIP, float32), or auto (bf16 where torch has bf16 kernels, else faiss
+    if installed, else torch)"""
+    threads: int | None = None
+    """torch and FAISS compute threads per worker process (default: the cores this process may use divided
+    by the worker processes on the machine: --workers for the local scheduler, each machine's count on a
+    tcp:// cluster; synchronous keeps torch's default unless set)"""
     decode_threads: int = 4
     """threads decoding and preprocessing images ahead of the forward, per worker"""
     max_image_pixels: int = 100_000_000

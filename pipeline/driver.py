@@ -75,7 +75,7 @@ def _flag(name: str) -> str:
 def check_config(cfg: LabelConfig) -> None:
     """One-line errors for settings that cannot work, before any slow step (and before OUT is touched)."""
     from pipeline.encoders import DENSE_MODES
-    from pipeline.search import SCORE_SIGNS
+    from pipeline.search import BACKENDS, SCORE_SIGNS
     from visalign.images import ASPECTS
 
     if cfg.score not in SCORE_SIGNS:
@@ -84,15 +84,17 @@ def check_config(cfg: LabelConfig) -> None:
         raise ConfigError(f"--image-aspect {cfg.image_aspect!r}: use one of {list(ASPECTS)}")
     if cfg.dense not in DENSE_MODES:
         raise ConfigError(f"--dense {cfg.dense!r}: use one of {list(DENSE_MODES)}")
-    if cfg.search_backend not in ("auto", "faiss", "torch"):
-        raise ConfigError(f"--search-backend {cfg.search_backend!r}: use auto, faiss or torch")
+    if cfg.search_backend not in BACKENDS:
+        raise ConfigError(f"--search-backend {cfg.search_backend!r}: use auto, faiss, torch or bf16")
     numbers = {name: getattr(cfg, name) for name in (*POSITIVE, "feature_layer", "expert_feature_layer")}
     if cfg.text_context is not None:
         numbers["text_context"] = cfg.text_context
+    if cfg.threads is not None:
+        numbers["threads"] = cfg.threads
     for name, value in numbers.items():
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{_flag(name)} must be an integer, got {value!r}")
-    for name in POSITIVE:
+    for name in POSITIVE + (("threads",) if cfg.threads is not None else ()):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{_flag(name)} must be >= 1, got {getattr(cfg, name)}")
     if cfg.text_context is not None and cfg.text_context < 3:
@@ -268,28 +270,50 @@ def pending_tasks(p: LabelPlan, emb_path: Path) -> tuple[list[dict[str, Any]], d
     return tasks, done
 
 
+def local_threads(cfg: LabelConfig) -> int:
+    """Compute threads of each LocalCluster worker: ``--threads``, else the cores shared out."""
+    from pipeline.task import available_cores
+
+    return cfg.threads or max(1, available_cores() // cfg.workers)
+
+
 def run_tasks(tasks: list[dict], cfg: LabelConfig, on_done) -> None:
-    """Run ``label_shard`` over tasks on the configured scheduler, calling ``on_done(stats)`` as each ends."""
+    """Run ``label_shard`` over tasks on the configured scheduler, calling ``on_done(stats)`` as each ends.
+
+    Threads: Dask's nanny starts every worker with ``OMP_NUM_THREADS=1`` (one thread per worker for torch,
+    oneDNN, MKL and FAISS). A LocalCluster's workers are started with the cores shared out among them
+    (``local_threads``) instead, and every task sets its process's torch/FAISS threads again (``threads`` or
+    ``workers_per_host`` in the task), which also covers workers started by hand for a tcp:// cluster.
+    """
     from pipeline.task import label_shard
 
     if cfg.scheduler == "synchronous":
         for task in tasks:
-            on_done(label_shard(task, cfg))
+            on_done(label_shard({**task, "threads": cfg.threads}, cfg))
         return
+    import dask
     from dask.distributed import Client, LocalCluster, as_completed
 
     cluster = None
     if cfg.scheduler == "local":
-        cluster = LocalCluster(
-            n_workers=cfg.workers, threads_per_worker=1, processes=True, dashboard_address=":0"
-        )
+        threads = local_threads(cfg)
+        # replaces Dask's whole default (OMP/MKL/OpenBLAS = 1 and MALLOC_TRIM_THRESHOLD_=65536): with a fixed
+        # trim threshold glibc stops raising its mmap threshold, and every large tensor of every batch is
+        # then a fresh mmap paying page faults
+        env = {name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
+            cluster = LocalCluster(
+                n_workers=cfg.workers, threads_per_worker=1, processes=True, dashboard_address=":0"
+            )
         client = Client(cluster)
+        extra: dict[str, Any] = {"threads": threads}
     else:
         client = Client(cfg.scheduler, timeout="30s")
+        extra = {"threads": cfg.threads, "workers_per_host": workers_per_host(client)}
     try:
         # pure=False: a rerun of a task must really run; retries=1 survives one lost worker
         futures = [
-            client.submit(label_shard, t, cfg, pure=False, retries=1, key=f"label-{t['index']}")
+            client.submit(label_shard, {**t, **extra}, cfg, pure=False, retries=1, key=f"label-{t['index']}")
             for t in tasks
         ]
         for fut in as_completed(futures):
@@ -298,6 +322,17 @@ def run_tasks(tasks: list[dict], cfg: LabelConfig, on_done) -> None:
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+def workers_per_host(client) -> dict[str, int]:
+    """Worker processes of a running cluster on each host (their cores are shared out among them)."""
+    from distributed.comm import get_address_host
+
+    counts: dict[str, int] = {}
+    for address in client.scheduler_info(n_workers=-1)["workers"]:
+        host = get_address_host(address)
+        counts[host] = counts.get(host, 0) + 1
+    return counts
 
 
 def finish(p: LabelPlan, done: dict[int, dict[str, Any]]) -> S.Manifest:

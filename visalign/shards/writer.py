@@ -45,6 +45,8 @@ from visalign.shards.schema import (
     sidecar_name,
 )
 
+COPY_BUFSIZE = 8 << 20
+
 
 class SampleEncodeError(Exception):
     """A sample that cannot be serialised; ``str()`` is the reject reason."""
@@ -167,11 +169,31 @@ def encode_text_only(key: str, meta: dict[str, Any]) -> list[tuple[str, bytes]]:
     return [(f"{key}.{META}", encode_json({**meta, "has_image": False}))]
 
 
+class _HashingFile:
+    """A write-only file that hashes (sha256) and counts what goes through it, so ``close`` never reads the
+    shard back. ``tarfile`` needs only ``write`` and ``tell``."""
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> int:
+        self.sha.update(data)  # releases the GIL on large buffers, as does the write itself
+        self.size += len(data)
+        return self.raw.write(data)
+
+    def tell(self) -> int:
+        return self.size
+
+
 class ShardWriter:
     """Streams samples into ``OUT/shard-NNNNNN.tar.tmp``; ``close(stats)`` publishes the tar, then the sidecar.
 
     Use as a context manager: leaving the block with an exception deletes the ``.tmp`` (nothing half-written
     keeps a final name); ``close`` must be called explicitly on success, with the stats for the sidecar.
+    The tar's sha256 and size are computed while it is written. One thread at a time may use a writer (the
+    labelling stage hands it to its writing thread).
     """
 
     def __init__(self, root: str | Path, index: int):
@@ -182,7 +204,11 @@ class ShardWriter:
         self.num_samples = 0
         self.num_text_only = 0
         self._raw = open(self.tmp, "wb")
-        self._tar = tarfile.open(fileobj=self._raw, mode="w", format=tarfile.PAX_FORMAT)
+        self._hashed = _HashingFile(self._raw)
+        # copybufsize: a member's bytes go to the file (and the hash) in one piece, not in 16 KiB slices
+        self._tar = tarfile.open(
+            fileobj=self._hashed, mode="w", format=tarfile.PAX_FORMAT, copybufsize=COPY_BUFSIZE
+        )
         self._closed = False
 
     def write(
@@ -215,8 +241,8 @@ class ShardWriter:
         self._raw.flush()
         os.fsync(self._raw.fileno())
         self._raw.close()
-        sha = sha256_file(self.tmp)
-        num_bytes = self.tmp.stat().st_size
+        sha = self._hashed.sha.hexdigest()
+        num_bytes = self._hashed.size
         os.replace(self.tmp, self.final)  # the final name only ever points at a complete, fsynced tar
         fsync_dir(self.root)
         sidecar = {
