@@ -82,7 +82,7 @@ def test_resume_is_bit_exact(shards, tmp_path, objective, stage):
     assert [r["step"] for r in read_log(tmp_path / "parts")] == [1, 2, 3]
     assert main(["run", *common, "--output", str(tmp_path / "parts"), "--resume"]) == 0
 
-    timing = ("samples_per_s", "tokens_per_s")
+    timing = ("samples_per_s", "tokens_per_s", "peak_mem_mib")
     whole = [{k: v for k, v in r.items() if k not in timing} for r in read_log(tmp_path / "whole")]
     parts = [{k: v for k, v in r.items() if k not in timing} for r in read_log(tmp_path / "parts")]
     assert {"lm_loss", "total_loss", "lr", "grad_norm"} <= set(whole[0])
@@ -96,9 +96,10 @@ def test_resume_is_bit_exact(shards, tmp_path, objective, stage):
     ow = load_file(ckpt_io.step_dir(tmp_path / "whole", 6) / ckpt_io.OBJECTIVES)
     op = load_file(ckpt_io.step_dir(tmp_path / "parts", 6) / ckpt_io.OBJECTIVES)
     assert ow.keys() == op.keys() and all(torch.equal(ow[k], op[k]) for k in ow)
-    sw = ckpt_io.load_torch(ckpt_io.step_dir(tmp_path / "whole", 6), ckpt_io.OPTIMIZER)["state"]
-    sp = ckpt_io.load_torch(ckpt_io.step_dir(tmp_path / "parts", 6), ckpt_io.OPTIMIZER)["state"]
-    assert sw.keys() == sp.keys() and all(torch.equal(sw[i]["exp_avg_sq"], sp[i]["exp_avg_sq"]) for i in sw)
+    sw = load_file(ckpt_io.step_dir(tmp_path / "whole", 6) / ckpt_io.OPTIMIZER_TENSORS)
+    sp = load_file(ckpt_io.step_dir(tmp_path / "parts", 6) / ckpt_io.OPTIMIZER_TENSORS)
+    assert any(k.endswith(".exp_avg_sq") for k in sw)
+    assert sw.keys() == sp.keys() and all(torch.equal(sw[k], sp[k]) for k in sw)
     # keep-last 2 (default) pruned step 3 in the uninterrupted run
     assert [c.name for c in ckpt_io.list_checkpoints(tmp_path / "whole")] == ["step-000003", "step-000006"]
 
