@@ -216,6 +216,7 @@ class Trainer:
         self.step = 0
         self.num_batches = 0  # micro-batches this rank consumed from the stream (its loader position)
         self.skips = {"total": 0, "consecutive": 0}
+        self._resumed_rng: dict[str, Any] | None = None
 
         ckpt = self._find_resume_checkpoint()
         changes = self._check_resume(ckpt) if ckpt is not None else {}
@@ -292,6 +293,10 @@ class Trainer:
         self.heldout = self.build_heldout(fmt)
         if cfg.logging.tensorboard:
             acc.init_trackers("tensorboard")
+        if self._resumed_rng is not None:
+            # last: creating the loader's iterator draws from the global RNG (its base seed), which the
+            # uninterrupted run did before the state that was saved
+            ckpt_io.restore_rng(self._resumed_rng)
 
     def _find_resume_checkpoint(self) -> Path | None:
         existing = ckpt_io.list_checkpoints(self.run)
@@ -734,7 +739,7 @@ class Trainer:
         restore_step = int(state["step"])
         self.step, self.num_batches = restore_step, int(data["num_batches"])
         self.skips = dict(state.get("nonfinite_skips", self.skips))
-        ckpt_io.restore_rng(rng)
+        self._resumed_rng = rng  # restored once everything is built
         if acc.is_main_process:
             self._truncate_logs(restore_step)
             log.info("resumed from %s (step %d)", ckpt, restore_step)
