@@ -272,6 +272,27 @@ def load_into(ckpt: str | Path, templates: dict[str, torch.Tensor], collective: 
             tensor.copy_(loaded)
 
 
+def read_tensors(ckpt: str | Path, prefixes: tuple[str, ...] = ("",)) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint whose full name starts with one of ``prefixes``, whole, in this process
+    (no process group needed): ``vlm.*``, ``objectives.*``, ``state.<parameter>.<exp_avg|exp_avg_sq|step>``."""
+    ckpt = Path(ckpt)
+    fmt = checkpoint_format(ckpt)
+    if fmt == GATHERED:
+        found: dict[str, torch.Tensor] = {}
+        for file, prefix in ((MODEL, VLM_PREFIX), (OBJECTIVES, OBJECTIVES_PREFIX), (OPTIMIZER_TENSORS, "")):
+            if (ckpt / file).is_file():
+                found.update({prefix + k: v for k, v in load_file(ckpt / file).items()})
+        return {k: v for k, v in found.items() if k.startswith(prefixes)}
+    metadata = _reader(ckpt, fmt).read_metadata().state_dict_metadata
+    templates = {
+        name: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for name, meta in metadata.items()
+        if name.startswith(prefixes)
+    }
+    load_into(ckpt, templates, collective=False)
+    return templates
+
+
 def read_weights(ckpt: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """``(VisualLM tensors, objective tensors)`` of a checkpoint, whole, in this process (no process group
     needed): names as in ``VisualLM.state_dict()`` and ``TrainModule.objectives.state_dict()``."""
@@ -280,17 +301,9 @@ def read_weights(ckpt: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, t
         model = load_tensors(ckpt, MODEL)
         objectives = load_file(ckpt / OBJECTIVES) if (ckpt / OBJECTIVES).is_file() else {}
         return model, objectives
-    metadata = _reader(ckpt, SHARDED_FORMAT).read_metadata().state_dict_metadata
-    templates = {
-        name: torch.empty(meta.size, dtype=meta.properties.dtype)
-        for name, meta in metadata.items()
-        if name.startswith((VLM_PREFIX, OBJECTIVES_PREFIX))
-    }
-    load_into(ckpt, templates, collective=False)
-    model = {k[len(VLM_PREFIX) :]: v for k, v in templates.items() if k.startswith(VLM_PREFIX)}
-    objectives = {
-        k[len(OBJECTIVES_PREFIX) :]: v for k, v in templates.items() if k.startswith(OBJECTIVES_PREFIX)
-    }
+    found = read_tensors(ckpt, (VLM_PREFIX, OBJECTIVES_PREFIX))
+    model = {k[len(VLM_PREFIX) :]: v for k, v in found.items() if k.startswith(VLM_PREFIX)}
+    objectives = {k[len(OBJECTIVES_PREFIX) :]: v for k, v in found.items() if k.startswith(OBJECTIVES_PREFIX)}
     return model, objectives
 
 
