@@ -664,6 +664,7 @@ class Trainer:
 
     def save(self) -> Path:
         acc = self.accelerator
+        start = time.perf_counter()
         tensors = parallel.model_state(self.model, self.keep)
         optimizer_tensors, optimizer_rest = parallel.optimizer_state(self.model, self.raw_optimizer())
         tensors.update(optimizer_tensors)
@@ -686,7 +687,7 @@ class Trainer:
             keep_last=self.cfg.checkpoint.keep_last,
         )
         if acc.is_main_process:
-            log.info("saved %s", path)
+            log.info("saved %s in %.2f s", path, time.perf_counter() - start)
         return path
 
     def _refuse_nonfinite(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -709,6 +710,7 @@ class Trainer:
 
     def load(self, ckpt: Path) -> None:
         acc = self.accelerator
+        start = time.perf_counter()
         state = ckpt_io.read_state(ckpt)
         optimizer, scheduler = self.raw_optimizer(), self.raw_scheduler()
         fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
@@ -742,7 +744,7 @@ class Trainer:
         self._resumed_rng = rng  # restored once everything is built
         if acc.is_main_process:
             self._truncate_logs(restore_step)
-            log.info("resumed from %s (step %d)", ckpt, restore_step)
+            log.info("resumed from %s (step %d) in %.2f s", ckpt, restore_step, time.perf_counter() - start)
         acc.wait_for_everyone()
 
     def _check_saved_names(self, ckpt: Path, wanted: set[str]) -> None:
