@@ -73,7 +73,7 @@ SETUPS = [
 ]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def meta_module(shape: str, stage: str, lora_rank: int):
     """A TrainModule of ``shape`` on the meta device, what trains set as ``trainer run`` sets it; frozen LLM
     weights in bf16 (``--model.dtype auto`` on a GPU), trainable ones float32."""
@@ -85,7 +85,9 @@ def meta_module(shape: str, stage: str, lora_rank: int):
     from trainer.models.vlm import VisualLM, apply_stage
 
     family, kwargs = SHAPES[shape]
-    config_cls, model_cls = (Qwen2Config, Qwen2ForCausalLM) if family == "qwen2" else (LlamaConfig, LlamaForCausalLM)
+    config_cls, model_cls = (
+        (Qwen2Config, Qwen2ForCausalLM) if family == "qwen2" else (LlamaConfig, LlamaForCausalLM)
+    )
     with torch.device("meta"):
         llm = model_cls(config_cls(**kwargs))
         full_finetune = stage == "finetune" and not lora_rank
@@ -93,8 +95,13 @@ def meta_module(shape: str, stage: str, lora_rank: int):
         projector = build_projector("mlp2x_gelu", FEATURE_DIM, kwargs["hidden_size"])
         vlm = VisualLM(llm, projector)
         if lora_rank:
-            add_adapters(llm, lora_rank, 2.0 * lora_rank, 0.05, ("q_proj", "k_proj", "v_proj", "o_proj",
-                                                                 "gate_proj", "up_proj", "down_proj"))
+            add_adapters(
+                llm,
+                lora_rank,
+                2.0 * lora_rank,
+                0.05,
+                ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+            )
     logging_off()
     if lora_rank:
         train_adapters_only(vlm)
@@ -186,14 +193,18 @@ def measure(args) -> None:
             rows.append((stage, layers, dtype, strategy, max(r["peak_mem_mib"] for r in records), mib,
                          [r["total_loss"] for r in records]))  # fmt: skip
             print(json.dumps(rows[-1][:5]), flush=True)
-    print("\n| stage | layers | frozen dtype | strategy | measured peak RSS MiB | estimate MiB (params + grads + "
-          "optimizer + compute copies + activations) | losses |")
+    print(
+        "\n| stage | layers | frozen dtype | strategy | measured peak RSS MiB | estimate MiB (params + grads + "
+        "optimizer + compute copies + activations) | losses |"
+    )
     print("|---|---|---|---|---|---|---|")
     for stage, layers, dtype, strategy, peak, mib, losses in rows:
         parts = " + ".join(f"{mib[k]:.0f}" for k in ("parameters", "gradients", "optimizer", "compute_copies",
                                                      "activations"))  # fmt: skip
-        print(f"| {stage} | {layers} | {dtype} | {strategy} | {peak:.0f} | {parts} = {mib['total']:.0f} | "
-              f"{', '.join(f'{x:.6f}' for x in losses)} |")
+        print(
+            f"| {stage} | {layers} | {dtype} | {strategy} | {peak:.0f} | {parts} = {mib['total']:.0f} | "
+            f"{', '.join(f'{x:.6f}' for x in losses)} |"
+        )
 
 
 def main() -> None:
@@ -201,7 +212,9 @@ def main() -> None:
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("table", help="print the docs/scaling.md table")
     m = sub.add_parser("measure", help="2-process DDP vs FSDP runs of a 0.5B-shaped random Llama")
-    m.add_argument("--layers", type=int, default=24, help="decoder layers of the stage-1 model (Qwen2-0.5B: 24)")
+    m.add_argument(
+        "--layers", type=int, default=24, help="decoder layers of the stage-1 model (Qwen2-0.5B: 24)"
+    )
     m.add_argument("--finetune-layers", type=int, default=8, help="decoder layers of the stage-2 model")
     m.add_argument("--steps", type=int, default=3)
     m.add_argument("--work", default=None, help="folder for the model, shards and runs (default: a temp dir)")

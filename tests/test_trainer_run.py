@@ -251,7 +251,12 @@ def test_training_presets_follow_the_paper_settings(preset):
         # LLaVA-1.5's LoRA recipe: r 128, alpha 256, dropout 0.05, lr 2e-4, projector 2e-5
         lora = cfg.model.lora
         assert (lora.rank, lora.alpha, lora.dropout) == (128, 256, 0.05)
-        assert (cfg.stage, cfg.optim.lr, cfg.optim.projector_lr, global_batch) == ("finetune", 2e-4, 2e-5, 128)
+        assert (cfg.stage, cfg.optim.lr, cfg.optim.projector_lr, global_batch) == (
+            "finetune",
+            2e-4,
+            2e-5,
+            128,
+        )
     elif preset.name.startswith("finetune-"):
         assert (cfg.stage, cfg.optim.lr, global_batch) == ("finetune", 2e-5, 128)
 
