@@ -181,7 +181,8 @@ def test_fsdp_variants_match_ddp(tiny_shards, cache_dir, tmp_path):
     """One launch, every variant against its DDP twin (no clipping, so equal means bitwise): stage 1 with the
     frozen LLM sharded or replicated, frozen weights in bf16, gradient accumulation (holding full gradients:
     bitwise; reduce-scattering every micro-batch: rounding), activation checkpointing under both (the same
-    updates as without), LoRA, an untied LM head."""
+    updates as without), LoRA, an untied LM head; and bf16 mixed precision (FSDP's gathered bf16 weights vs
+    DDP's autocast: equal to bf16 precision, float32 master weights kept)."""
     shards = tiny_shards(num_samples=8, samples_per_shard=2)
     untied = untied_llm(tmp_path)
     base = ["--max-steps", "3", "--optim.max_grad_norm", "0"]
@@ -196,6 +197,7 @@ def test_fsdp_variants_match_ddp(tiny_shards, cache_dir, tmp_path):
                           "--parallel.reduce_every_micro_batch", "false"],
         "s2-untied": ["--stage", "finetune", "--llm", untied],
         "lora": ["--stage", "finetune", "--model.lora.rank", "4", "--model.lora.dropout", "0.1"],
+        "s2-bf16": ["--stage", "finetune", "--mixed-precision", "bf16"],
     }  # fmt: skip
     runs = []
     for name, flags in variants.items():
@@ -220,6 +222,12 @@ def test_fsdp_variants_match_ddp(tiny_shards, cache_dir, tmp_path):
     assert losses("ddp-s1-bf16") != losses("ddp-s1")  # bf16 frozen weights really computed in bf16
     worst = assert_losses_close(read_log(tmp_path / "fsdp-s2-accum"), read_log(tmp_path / "ddp-s2-accum"))
     assert worst < 1e-5
+    # bf16 compute: FSDP gathers bf16 weights, DDP autocasts; both keep float32 master weights and moments,
+    # and agree to bf16 precision (not bitwise: the two cast different tensors)
+    assert losses("fsdp-s2-bf16") != losses("fsdp-s2") and losses("ddp-s2-bf16") != losses("ddp-s2")
+    assert assert_losses_close(read_log(tmp_path / "fsdp-s2-bf16"), read_log(tmp_path / "ddp-s2-bf16"),
+                               rel=2e-2, abs_=1e-4) < 2e-2  # fmt: skip
+    assert {t.dtype for t in all_tensors(tmp_path / "fsdp-s2-bf16").values()} == {torch.float32}
     lora = all_tensors(tmp_path / "fsdp-lora")
     assert any("lora_B" in k for k in lora) and not any(
         ".base_layer." in k for k in lora if k.startswith("vlm.")

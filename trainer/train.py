@@ -330,6 +330,12 @@ class Trainer:
         )
         if old_digest != new_digest:
             changes["shards (set)"] = (old_set, new_set)
+        # the strategy that ran, not the setting: 'auto' follows the launch config
+        ran = state.get("parallel", {}).get("strategy")
+        if ran is not None:
+            changes.pop("parallel.strategy", None)
+            if ran != self.strategy:
+                changes["parallel.strategy"] = (ran, self.strategy)
         saved_world = int(ckpt_io.read_data_state(ckpt, acc.process_index)["layout"]["world_size"])
         fixed = fixed_settings(changes)
         if saved_world != acc.num_processes:
@@ -666,7 +672,9 @@ class Trainer:
         acc = self.accelerator
         start = time.perf_counter()
         tensors = parallel.model_state(self.model, self.keep)
-        optimizer_tensors, optimizer_rest = parallel.optimizer_state(self.model, self.raw_optimizer())
+        optimizer_tensors, optimizer_rest = {}, {}
+        if self.raw_optimizer().state:  # none yet when every step so far was skipped: nothing to save
+            optimizer_tensors, optimizer_rest = parallel.optimizer_state(self.model, self.raw_optimizer())
         tensors.update(optimizer_tensors)
         self._refuse_nonfinite(tensors)
         data_state = {
@@ -718,9 +726,11 @@ class Trainer:
         if (ckpt / ckpt_io.OPTIMIZER).is_file() and not (ckpt / ckpt_io.OPTIMIZER_TENSORS).is_file():
             self._load_older(ckpt, model_tensors)
         else:
-            optimizer_tensors, _ = parallel.optimizer_state(self.model, optimizer)
             self._check_saved_names(ckpt, set(model_tensors))
-            ckpt_io.load_into(ckpt, {**model_tensors, **optimizer_tensors})
+            optimizer_tensors: dict[str, torch.Tensor] | None = None
+            if any(name.startswith("state.") for name in ckpt_io.saved_names(ckpt)):
+                optimizer_tensors, _ = parallel.optimizer_state(self.model, optimizer)
+            ckpt_io.load_into(ckpt, {**model_tensors, **(optimizer_tensors or {})})
             extra = ckpt_io.read_optimizer_json(ckpt)
             parallel.load_states(self.model, optimizer, model_tensors, optimizer_tensors, extra["optimizer"])
             scheduler.load_state_dict(extra["scheduler"])
