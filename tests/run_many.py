@@ -3,7 +3,8 @@
     accelerate launch ... tests/run_many.py RUNS.json     # RUNS.json: a list of argument lists
 
 Each run ends with ``accelerator.end_training()``, which destroys the process group; a second rendezvous in
-the same processes is not possible under the launcher, so here the group is kept for the next run.
+the same processes is not possible under the launcher, so here the group is kept for the next run. The
+Accelerator state (mixed precision) is reset between runs, the process state (the group) is not.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from accelerate.state import PartialState  # noqa: E402
+from accelerate.state import AcceleratorState, PartialState  # noqa: E402
 
 from trainer.cli import main  # noqa: E402
 
@@ -24,3 +25,4 @@ for args in json.loads(Path(sys.argv[1]).read_text()):
     code = main(["run", *args])
     if code:
         sys.exit(code)
+    AcceleratorState._reset_state(reset_partial_state=False)

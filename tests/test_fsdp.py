@@ -314,8 +314,9 @@ def test_fsdp_stop_resume_export_eval(tiny_shards, cache_dir, tmp_path):
             ).logits
         assert main(["eval", str(tmp_path / f"{strategy}-s2"), "--shards", str(heldout), "--out",
                      str(tmp_path / f"eval-{strategy}"), "--samples", "3", "--pictures", "0"]) == 0  # fmt: skip
-    diff = (logits["fsdp"] - logits["ddp"]).abs().max()
-    assert diff < 1e-5 and logits["ddp"].std() > 1e-2, diff
+    # the clipped runs' weights differ by the gradient norm's summation order (~1e-7 relative)
+    torch.testing.assert_close(logits["fsdp"], logits["ddp"], rtol=1e-5, atol=1e-5)
+    assert logits["ddp"].std() > 1e-2
     ma = json.loads((tmp_path / "eval-fsdp" / "metrics.json").read_text())
     mb = json.loads((tmp_path / "eval-ddp" / "metrics.json").read_text())
     for layer, row in mb["per_layer"].items():
