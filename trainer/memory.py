@@ -8,11 +8,13 @@ docs/scaling.md with the same function from meta-device models of the real shape
 
 The rules (docs/scaling.md lists them with the table):
 * trainable parameters are float32 master weights (4 B), their gradients float32 (4 B), AdamW keeps two
-  float32 moments (8 B); frozen parameters cost their storage dtype only (``--model.dtype``);
+  float32 moments (8 B) and its (foreach) step makes one float32 temporary per element (4 B); frozen
+  parameters cost their storage dtype only (``--model.dtype``);
 * FSDP divides every sharded tensor by the process count; a frozen LLM kept whole (``shard_frozen_llm``
   false) is not divided; accumulating without reducing every micro-batch adds full-size float32 gradients;
 * FSDP gathers the root group (embeddings, final norm, LM head, projector, objective modules) from forward to
-  the end of backward and about two decoder layers at a time, in the compute dtype, plus their gradients;
+  the end of backward and about two decoder layers at a time, in the compute dtype, plus their gradients
+  (and a float32 copy of those for the reduction when the compute dtype is narrower);
   DDP under autocast keeps compute-dtype copies of the trainable weights during the forward;
 * activations per token and decoder layer of a Llama-style block (hidden h, key/value width h_kv, MLP width
   I, compute bytes c): c x (7 h + 3 h_kv + 4 I) + 8 h (the norms' float32 upcasts); with activation
@@ -146,7 +148,7 @@ def estimate_memory(module: nn.Module, plan: MemoryPlan) -> MemoryEstimate:
         if p.requires_grad:
             trainable += p.numel()
             grads += share * 4
-            optim += share * 8
+            optim += share * (8 + 4)  # two moments + the step's temporary
         else:
             frozen += p.numel()
     copies = 0
@@ -155,7 +157,7 @@ def estimate_memory(module: nn.Module, plan: MemoryPlan) -> MemoryEstimate:
 
         def gathered(group: list[nn.Parameter]) -> int:
             weights = sum(p.numel() * min(c, p.element_size()) for p in group if sharded(p))
-            grad = sum(p.numel() * (c + 4) for p in group if p.requires_grad)
+            grad = sum(p.numel() * (c + (4 if c < 4 else 0)) for p in group if p.requires_grad)
             return weights + grad
 
         copies = gathered(root) + 2 * max((gathered(g) for g in layers), default=0)
