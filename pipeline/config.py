@@ -20,10 +20,17 @@ class LabelConfig:
     """output folder OUT for shard-*.tar, manifest.json, wordlist.txt, rejects.parquet, config.yaml"""
     images: str | None = None
     """image root for a LLaVA JSON's relative image paths (default: the JSON's folder)"""
+    allow_outside_images: bool = False
+    """accept LLaVA image paths that are absolute or climb above --images with '..' (off: such records are
+    rejects and never opened)"""
     backend: str | None = None
     """encoder backend: hf or open_clip (default: the encoder's own default)"""
     encoder_path: str | None = None
     """local checkpoint folder/file for the encoder (default: the registry's)"""
+    image_aspect: Literal["crop", "pad", "resize"] = "crop"
+    """non-square images: crop (the encoder processor's own geometry: CLIP centre-crops, SigLIP squashes),
+    pad (LLaVA-1.5's expand2square: centred on a square of the encoder's mean colour, then the processor)
+    or resize (squash to a square)"""
     feature_layer: int = -2
     """hidden-state index cached as feat.npy (HF indexing: -1 last block, -2 LLaVA's second-to-last)"""
     wordlist: str | None = None
@@ -55,7 +62,13 @@ class LabelConfig:
     device: str = "auto"
     """auto (cuda if available), cpu or cuda"""
     search_backend: str = "auto"
-    """top-k search: auto (faiss if installed), faiss or torch"""
+    """exact top-k search: bf16 (bfloat16 screen + float64 re-score of the candidates), torch (the same with
+    a float32 screen), faiss (IndexFlatIP, float32), or auto (bf16 where torch has bf16 kernels, else faiss
+    if installed, else torch)"""
+    threads: int | None = None
+    """torch and FAISS compute threads per worker process (default: the cores this process may use divided
+    by the worker processes on the machine: --workers for the local scheduler, each machine's count on a
+    tcp:// cluster; synchronous keeps torch's default unless set)"""
     decode_threads: int = 4
     """threads decoding and preprocessing images ahead of the forward, per worker"""
     max_image_pixels: int = 100_000_000

@@ -4,7 +4,9 @@ Input: a ``LabelConfig``. Output: a finished ``OUT/`` (layout in ``visalign.shar
 summary dict (images, rejects, shards, images/s, wall time). ``run_label`` reads as the order of work, chosen
 so that any interruption can be resumed exactly:
 
-1. ``check_config``: fail fast on unusable settings before anything is written;
+1. ``check_config``: fail fast on unusable settings before anything is written; then the run holds
+   ``visalign.locks.FolderLock`` on OUT for the rest of its life (a second ``pipeline label`` on the same
+   folder is refused, naming this one);
 2. ``plan``: list the inputs, load the word list and the encoders, fix the content-changing settings and the
    partitions (input position ``i`` always goes to shard ``i // samples_per_shard``);
 3. ``prepare_out``: compare the settings with those recorded in ``OUT/settings.json`` by an earlier run and
@@ -62,15 +64,43 @@ class LabelPlan:
         return digest_of(self.settings)
 
 
+POSITIVE = ("top_k", "batch_size", "samples_per_shard", "workers", "decode_threads", "max_image_pixels")
+"""integer settings that must be >= 1"""
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def check_config(cfg: LabelConfig) -> None:
-    """One-line errors for settings that cannot work, before any slow step."""
-    from pipeline.search import SCORE_SIGNS
+    """One-line errors for settings that cannot work, before any slow step (and before OUT is touched)."""
+    from pipeline.encoders import DENSE_MODES
+    from pipeline.search import BACKENDS, SCORE_SIGNS
+    from visalign.images import ASPECTS
 
     if cfg.score not in SCORE_SIGNS:
         raise ConfigError(f"--score {cfg.score!r}: use one of {list(SCORE_SIGNS)}")
-    for name in ("top_k", "batch_size", "samples_per_shard", "workers", "decode_threads", "max_image_pixels"):
+    if cfg.image_aspect not in ASPECTS:
+        raise ConfigError(f"--image-aspect {cfg.image_aspect!r}: use one of {list(ASPECTS)}")
+    if cfg.dense not in DENSE_MODES:
+        raise ConfigError(f"--dense {cfg.dense!r}: use one of {list(DENSE_MODES)}")
+    if cfg.search_backend not in BACKENDS:
+        raise ConfigError(f"--search-backend {cfg.search_backend!r}: use auto, faiss, torch or bf16")
+    numbers = {name: getattr(cfg, name) for name in (*POSITIVE, "feature_layer", "expert_feature_layer")}
+    if cfg.text_context is not None:
+        numbers["text_context"] = cfg.text_context
+    if cfg.threads is not None:
+        numbers["threads"] = cfg.threads
+    for name, value in numbers.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{_flag(name)} must be an integer, got {value!r}")
+    for name in POSITIVE + (("threads",) if cfg.threads is not None else ()):
         if getattr(cfg, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+            raise ConfigError(f"{_flag(name)} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.text_context is not None and cfg.text_context < 3:
+        raise ConfigError(
+            f"--text-context must be >= 3 (start, word and end tokens) or unset, got {cfg.text_context}"
+        )
     if cfg.scheduler not in LOCAL_SCHEDULERS and not cfg.scheduler.startswith(REMOTE_PREFIXES):
         raise ConfigError(
             f"--scheduler {cfg.scheduler!r}: use synchronous, local or a tcp://host:port address"
@@ -94,16 +124,23 @@ def plan(cfg: LabelConfig) -> LabelPlan:
 
     input_path = Path(cfg.input).resolve()
     images_root = str(Path(cfg.images).resolve()) if cfg.images else None
-    kind, items = list_inputs(input_path, images_root)
+    kind, items = list_inputs(input_path, images_root, cfg.allow_outside_images)
     if not items:
         raise InputError(f"--input {cfg.input} holds no samples")
     words = load_wordlist(cfg.wordlist, lowercase=cfg.lowercase)
+    if cfg.top_k > len(words):
+        raise ConfigError(
+            f"--top-k {cfg.top_k} is more than the {len(words)} words of the word list "
+            f"({cfg.wordlist or 'the default list'}): use --top-k {len(words)} or fewer, or a longer list"
+        )
     cfg = dataclasses.replace(cfg, cache_dir=cfg.cache_dir or str(default_cache_dir()))
     device = resolve_device(cfg.device)
     enc = get_encoder(
         cfg.encoder, cfg.backend, cfg.encoder_path, device, cfg.cache_dir, **encoder_options(cfg)
     )
     enc_info = enc.info(cfg.feature_layer)
+    # what the encoder saw, aspect step included: pictures and exports redraw it from the manifest
+    enc_info["preprocess"] = enc.preprocess_spec.with_aspect(cfg.image_aspect).to_dict()
     expert_infos = []
     for name in cfg.experts:
         info = get_encoder(name, None, None, device, cfg.cache_dir).info(cfg.expert_feature_layer)
@@ -119,10 +156,12 @@ def plan(cfg: LabelConfig) -> LabelPlan:
             )
         )
     settings = {
+        "schema_version": S.SCHEMA_VERSION,
         "encoder": enc_info["name"],
         "fingerprint": enc_info["fingerprint"],
         "backend": enc_info["backend"],
         "feature_layer": cfg.feature_layer,
+        "image_aspect": cfg.image_aspect,
         "dense": cfg.dense,
         "text_context": cfg.text_context,
         "wordlist_sha256": S.wordlist_sha256(words),
@@ -132,6 +171,7 @@ def plan(cfg: LabelConfig) -> LabelPlan:
         "samples_per_shard": cfg.samples_per_shard,
         "input": str(input_path),
         "images": images_root,
+        "allow_outside_images": cfg.allow_outside_images,
         "input_digest": listing_digest(items),
         "experts": [[x.name, x.fingerprint, x.feature_layer] for x in expert_infos],
         "max_image_pixels": cfg.max_image_pixels,
@@ -230,28 +270,50 @@ def pending_tasks(p: LabelPlan, emb_path: Path) -> tuple[list[dict[str, Any]], d
     return tasks, done
 
 
+def local_threads(cfg: LabelConfig) -> int:
+    """Compute threads of each LocalCluster worker: ``--threads``, else the cores shared out."""
+    from pipeline.task import available_cores
+
+    return cfg.threads or max(1, available_cores() // cfg.workers)
+
+
 def run_tasks(tasks: list[dict], cfg: LabelConfig, on_done) -> None:
-    """Run ``label_shard`` over tasks on the configured scheduler, calling ``on_done(stats)`` as each ends."""
+    """Run ``label_shard`` over tasks on the configured scheduler, calling ``on_done(stats)`` as each ends.
+
+    Threads: Dask's nanny starts every worker with ``OMP_NUM_THREADS=1`` (one thread per worker for torch,
+    oneDNN, MKL and FAISS). A LocalCluster's workers are started with the cores shared out among them
+    (``local_threads``) instead, and every task sets its process's torch/FAISS threads again (``threads`` or
+    ``workers_per_host`` in the task), which also covers workers started by hand for a tcp:// cluster.
+    """
     from pipeline.task import label_shard
 
     if cfg.scheduler == "synchronous":
         for task in tasks:
-            on_done(label_shard(task, cfg))
+            on_done(label_shard({**task, "threads": cfg.threads}, cfg))
         return
+    import dask
     from dask.distributed import Client, LocalCluster, as_completed
 
     cluster = None
     if cfg.scheduler == "local":
-        cluster = LocalCluster(
-            n_workers=cfg.workers, threads_per_worker=1, processes=True, dashboard_address=":0"
-        )
+        threads = local_threads(cfg)
+        # replaces Dask's whole default (OMP/MKL/OpenBLAS = 1 and MALLOC_TRIM_THRESHOLD_=65536): with a fixed
+        # trim threshold glibc stops raising its mmap threshold, and every large tensor of every batch is
+        # then a fresh mmap paying page faults
+        env = {name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
+            cluster = LocalCluster(
+                n_workers=cfg.workers, threads_per_worker=1, processes=True, dashboard_address=":0"
+            )
         client = Client(cluster)
+        extra: dict[str, Any] = {"threads": threads}
     else:
         client = Client(cfg.scheduler, timeout="30s")
+        extra = {"threads": cfg.threads, "workers_per_host": workers_per_host(client)}
     try:
         # pure=False: a rerun of a task must really run; retries=1 survives one lost worker
         futures = [
-            client.submit(label_shard, t, cfg, pure=False, retries=1, key=f"label-{t['index']}")
+            client.submit(label_shard, {**t, **extra}, cfg, pure=False, retries=1, key=f"label-{t['index']}")
             for t in tasks
         ]
         for fut in as_completed(futures):
@@ -262,12 +324,24 @@ def run_tasks(tasks: list[dict], cfg: LabelConfig, on_done) -> None:
             cluster.close()
 
 
+def workers_per_host(client) -> dict[str, int]:
+    """Worker processes of a running cluster on each host (their cores are shared out among them)."""
+    from distributed.comm import get_address_host
+
+    counts: dict[str, int] = {}
+    for address in client.scheduler_info(n_workers=-1)["workers"]:
+        host = get_address_host(address)
+        counts[host] = counts.get(host, 0) + 1
+    return counts
+
+
 def finish(p: LabelPlan, done: dict[int, dict[str, Any]]) -> S.Manifest:
     """rejects.parquet from every sidecar, then the manifest (last: its presence means finished)."""
     cfg = p.cfg
     ordered = [done[i] for i in range(len(p.partitions))]
     rejects = [r for s in ordered for r in s["rejects"]]
     S.write_rejects(p.out, rejects)
+    shards = [S.shard_info(p.out, s) for s in ordered]
     manifest = S.Manifest(
         encoder=S.EncoderInfo(**p.encoder_info),
         wordlist=S.WordlistInfo(
@@ -278,14 +352,10 @@ def finish(p: LabelPlan, done: dict[int, dict[str, Any]]) -> S.Manifest:
         templates=list(cfg.templates),
         score_sign=cfg.score,
         top_k=cfg.top_k,
-        shards=[
-            S.ShardInfo(
-                name=s["name"], num_samples=s["num_samples"], sha256=s["sha256"], num_rejects=s["num_rejects"]
-            )
-            for s in ordered
-        ],
-        num_samples=sum(s["num_samples"] for s in ordered),
+        shards=shards,
+        num_samples=sum(s.num_samples for s in shards),
         num_rejects=len(rejects),
+        num_text_only=sum(s.num_text_only for s in shards),
         experts=p.expert_infos,
         config_digest=p.digest,
         tool_version=__version__,
@@ -296,11 +366,29 @@ def finish(p: LabelPlan, done: dict[int, dict[str, Any]]) -> S.Manifest:
 
 
 def run_label(cfg: LabelConfig) -> dict[str, Any]:
-    """Run the whole stage; return the end-of-run summary. Raises ``VisalignError`` on unusable input."""
-    from tqdm.auto import tqdm
+    """Run the whole stage; return the end-of-run summary. Raises ``VisalignError`` on unusable input,
+    ``FolderBusyError`` when another process is labelling into the same OUT."""
+    from visalign.locks import FolderLock
 
     t_start = time.perf_counter()
     check_config(cfg)
+    lock = FolderLock(cfg.shards, "pipeline label")
+    try:
+        lock.acquire()
+    except OSError as err:  # an unwritable parent, a read-only filesystem
+        raise InputError(
+            f"--shards {cfg.shards}: cannot create or lock the folder ({err.strerror or err}); "
+            "choose a folder you can write to"
+        ) from None
+    try:
+        return _run_locked(cfg, t_start)
+    finally:
+        lock.release()
+
+
+def _run_locked(cfg: LabelConfig, t_start: float) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
     p = plan(cfg)
     emb_path = prepare_out(p)
     tasks, done = pending_tasks(p, emb_path)
@@ -313,7 +401,7 @@ def run_label(cfg: LabelConfig) -> dict[str, Any]:
     def on_done(stats: dict[str, Any]) -> None:
         nonlocal num_new_images, num_new_rejects
         done[stats["index"]] = stats
-        num_new_images += stats["num_samples"]
+        num_new_images += stats["num_samples"] - stats.get("num_text_only", 0)
         num_new_rejects += stats["num_rejects"]
         bar.update(stats["num_items"])
         elapsed = time.perf_counter() - t_work
@@ -328,7 +416,9 @@ def run_label(cfg: LabelConfig) -> dict[str, Any]:
     return {
         "out": str(p.out),
         "input_kind": p.input_kind,
-        "num_images": manifest.num_samples,
+        "num_samples": manifest.num_samples,
+        "num_images": manifest.num_samples - manifest.num_text_only,
+        "num_text_only": manifest.num_text_only,
         "num_rejects": manifest.num_rejects,
         "num_shards": len(manifest.shards),
         "num_shards_skipped": num_skipped,
@@ -341,7 +431,8 @@ def run_label(cfg: LabelConfig) -> dict[str, Any]:
 
 def format_summary(summary: dict[str, Any]) -> str:
     return (
-        f"labelled {summary['num_images']} images into {summary['num_shards']} shards "
+        f"labelled {summary['num_samples']} samples ({summary['num_images']} with an image, "
+        f"{summary['num_text_only']} text-only) into {summary['num_shards']} shards "
         f"({summary['num_shards_skipped']} already complete), {summary['num_rejects']} rejects "
         f"-> {summary['out']}\n"
         f"this run: {summary['num_images_this_run']} images in {summary['work_s']:.1f} s "

@@ -1,8 +1,9 @@
 """Looking at a finished label output: ``pipeline info``, ``show`` and ``stats``.
 
-Input: an OUT folder written by ``pipeline label`` (manifest, wordlist.txt, shards). Outputs: text for
-``info``/``stats`` and, for ``show``, a PNG of one sample's image as the encoder saw it (same resize/crop)
-with the top-1 word of every patch written on its grid cell.
+Input: an OUT folder written by ``pipeline label`` (manifest, wordlist.txt, shards; schema 1 or 2). Outputs:
+text for ``info``/``stats`` and, for ``show``, a PNG of one sample's image as the encoder saw it (same
+pad/resize/crop, from the manifest's ``encoder.preprocess``) with the top-1 word of every patch written on its
+grid cell. Text-only samples have no patches: ``stats`` counts them apart, ``show`` refuses them.
 
 Letters: P patches, K top-k slots, N words.
 """
@@ -31,10 +32,12 @@ def format_info(out: str | Path) -> str:
         f"= {m.num_patches} patches",
         f"features         layer {e.feature_layer}, {e.feature_dim}-d {e.feature_dtype}; "
         f"joint space {e.joint_dim}-d",
+        f"preprocessing    {_preprocess_text(e.preprocess)}",
         f"word list        {m.wordlist.count} words, sha256 {m.wordlist.sha256[:16]} "
         f"(from {m.wordlist.source})",
         f"labels           top-{m.top_k} by {m.score_sign}, templates {m.templates or '(bare word)'}",
-        f"samples          {m.num_samples} in {len(m.shards)} shards, {m.num_rejects} rejects",
+        f"samples          {m.num_samples} in {len(m.shards)} shards ({m.num_samples - m.num_text_only} "
+        f"with an image, {m.num_text_only} text-only), {m.num_rejects} rejects",
         f"config digest    {m.config_digest[:16]}",
     ]
     for x in m.experts:
@@ -48,7 +51,33 @@ def format_info(out: str | Path) -> str:
             f"shard sizes      min {min(sizes)}, max {max(sizes)}; "
             f"first {m.shards[0].name}, last {m.shards[-1].name}"
         )
+        num_bytes = [s.num_bytes for s in m.shards]
+        if all(b is not None for b in num_bytes):
+            total = sum(num_bytes)  # type: ignore[arg-type]
+            per = total / max(m.num_samples - m.num_text_only, 1)
+            lines.append(f"disk             {_size(total)} of shards ({_size(per)} per image sample)")
+        else:
+            lines.append("disk             (shard sizes not recorded: schema 1)")
     return "\n".join(lines)
+
+
+def _size(num_bytes: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.2f} {unit}"
+    return f"{num_bytes:.0f} B"
+
+
+def _preprocess_text(spec: dict[str, Any] | None) -> str:
+    if not spec:
+        return "(not recorded: schema 1; the encoder family's own)"
+    aspect = spec.get("aspect", "crop")
+    if aspect == "pad":
+        aspect = f"pad with {tuple(spec.get('pad_color') or ())}"
+    return (
+        f"{aspect}, then {spec['resize_mode']} resize to {spec['image_size']} px "
+        f"({spec.get('resample', 'bicubic')}, crop offset {spec['crop_rounding']})"
+    )
 
 
 def find_sample(out: str | Path, key: str) -> dict[str, Any]:
@@ -69,6 +98,11 @@ def show(out: str | Path, key: str, png: str | Path, cell: int = 64) -> Path:
     from visalign.pictures import encoder_view, view_geometry, word_grid_image
 
     sample = find_sample(out, key)
+    if "labels" not in sample:
+        raise InputError(
+            f"sample {key!r} in {out} is text-only (no image, no patch labels): there is nothing to draw; "
+            "choose a sample with an image"
+        )
     m = S.read_manifest(out)
     words = S.read_wordlist(out)
     labels_PK = sample["labels"]
@@ -99,10 +133,13 @@ def label_stats(out: str | Path, num_top: int = 20, num_bins: int = 2000) -> dic
     top1_counts_N = np.zeros(num_words, dtype=np.int64)
     any_counts_N = np.zeros(num_words, dtype=np.int64)
     hist = np.zeros(num_bins, dtype=np.int64)
-    num_slots = num_absent = num_patches = 0
+    num_slots = num_absent = num_patches = num_text_only = 0
     score_sum = 0.0
     for path in m.shard_paths(out):
         for sample in S.iter_tar(path):
+            if "labels" not in sample:
+                num_text_only += 1
+                continue
             labels_PK, scores_PK = sample["labels"], sample["scores"].astype(np.float64)
             num_patches += labels_PK.shape[0]
             num_slots += labels_PK.size
@@ -123,6 +160,7 @@ def label_stats(out: str | Path, num_top: int = 20, num_bins: int = 2000) -> dic
     order = np.argsort(-top1_counts_N, kind="stable")[:num_top]
     return {
         "num_samples": m.num_samples,
+        "num_text_only": num_text_only,
         "num_patches": num_patches,
         "num_words": num_words,
         "top1_words_used": int((top1_counts_N > 0).sum()),
@@ -141,7 +179,8 @@ def format_stats(st: dict[str, Any]) -> str:
     n = max(st["num_words"], 1)
     q = ", ".join(f"q{int(k * 100):02d} {v:.3f}" for k, v in st["score_quantiles"].items()) or "(none kept)"
     lines = [
-        f"samples {st['num_samples']}, patches {st['num_patches']}, top-{st['top_k']} by {st['score_sign']}",
+        f"samples {st['num_samples']} ({st['num_text_only']} text-only), patches {st['num_patches']}, "
+        f"top-{st['top_k']} by {st['score_sign']}",
         f"word list use: {st['top1_words_used']} / {st['num_words']} words as a top-1 "
         f"({100 * st['top1_words_used'] / n:.2f}%), {st['any_words_used']} as any label "
         f"({100 * st['any_words_used'] / n:.2f}%)",

@@ -5,12 +5,18 @@ output shard ``OUT/shard-NNNNNN.tar`` plus its stats sidecar ``OUT/shard-NNNNNN.
 contract's one writer (``visalign.shards.ShardWriter``). It is what Dask maps (``pipeline.driver``), what
 ``--scheduler synchronous`` calls in-process, and what tests call directly.
 
-Per shard: images are decoded, validated and preprocessed in a thread pool that runs ahead of the model
-(bounded prefetch), so the forward pass does not wait on JPEG decoding; each batch goes through ONE encoder
-forward giving the LLaVA features (hidden layer ``feature_layer``) and the joint-space patch embeddings; the
-latter are searched against the cached word embeddings (``pipeline.search``). Optional expert encoders add
-their own features. A sample that cannot be serialised is a reject like an undecodable image; the shard is
-complete only once the writer has renamed it and written its sidecar (sha256, rejects, timings).
+Per shard: each record is checked first with the shared validator (``visalign.samples.check_record``: what
+the trainer could not use is a reject, with the validator's reason) and its json encoded once (a lone
+surrogate in an id, a caption, a source or a sidecar is a reject, never an aborted run); then images are
+decoded, validated and preprocessed (``--image-aspect``, ``visalign.images.Preprocess``) in a thread pool that
+runs ahead of the model (bounded prefetch), so the forward pass does not wait on JPEG decoding; each batch goes
+through ONE encoder forward giving the LLaVA features (hidden layer ``feature_layer``) and the joint-space
+patch embeddings; the latter are searched against the cached word embeddings (``pipeline.search``). Optional
+expert encoders add their own features. Text-only records (a LLaVA record without ``image``) skip the
+forward and are written as text-only samples, in input order among the others. Caption files and ``.json``
+sidecars that are not valid UTF-8 / JSON make their sample a reject (the text is what the LM is trained on;
+nothing is changed or dropped silently). The shard is complete only once the writer has renamed it and
+written its sidecar (sha256, size, counts, rejects, timings).
 
 Models and the word index are loaded once per process (``_CACHE``), keyed by their spec: tasks carry only
 paths and settings, never weights.
@@ -21,7 +27,6 @@ Letters: B batch, P patches, D feature width, E joint width, K top-k slots, N wo
 from __future__ import annotations
 
 import json
-import tarfile
 import threading
 import time
 from collections import deque
@@ -33,9 +38,11 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import LabelConfig
+from pipeline.sources import stable_reason
 from visalign import shards as S
 from visalign.config import ConfigError
 from visalign.errors import InputError
+from visalign.images import RejectError
 
 
 def resolve_device(device: str) -> str:
@@ -70,6 +77,47 @@ def worker_device(device: str) -> str:
     except (ImportError, ValueError):  # not inside a Dask worker (synchronous scheduler)
         return device
     return f"cuda:{int(name) % num_gpus}" if isinstance(name, int) or str(name).isdigit() else device
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask: taskset, cgroup cpusets, Slurm)."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def task_threads(task: dict[str, Any]) -> int | None:
+    """The compute threads a task asks for: ``threads``, else this machine's cores shared out among the
+    cluster's worker processes on it (``workers_per_host``), else None (keep the process's setting)."""
+    if task.get("threads"):
+        return int(task["threads"])
+    per_host = task.get("workers_per_host")
+    if not per_host:
+        return None
+    try:
+        from distributed import get_worker
+        from distributed.comm import get_address_host
+
+        host = get_address_host(get_worker().address)
+    except (ImportError, ValueError):
+        return None
+    return max(1, available_cores() // max(1, per_host.get(host, 1)))
+
+
+def set_threads(num: int) -> None:
+    """torch's (and FAISS's, when loaded) compute threads in this process."""
+    import sys
+
+    import torch
+
+    if torch.get_num_threads() != num:
+        torch.set_num_threads(num)
+    faiss = sys.modules.get("faiss")
+    if faiss is not None:
+        faiss.omp_set_num_threads(num)
 
 
 # ---- per-process caches: one model / index per worker process, whatever the number of tasks ----------
@@ -110,49 +158,91 @@ def encoder_options(cfg: LabelConfig) -> dict[str, Any]:
 
 
 # ---- decoding ahead of the model ------------------------------------------------------------------------
+def _text_of(data: bytes, what: str) -> str:
+    """Strict UTF-8 (a leading byte-order mark, as Windows editors write, is not text)."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise RejectError(
+            f"{what} is not valid UTF-8 ({err.reason} at byte {err.start}): re-save it as UTF-8"
+        ) from None
+
+
+def _record(item: dict[str, Any], tar_bytes: dict[str, bytes]) -> dict[str, Any]:
+    """The sample's json (without the image fields): id + conversations, or id + caption [+ meta]."""
+    meta: dict[str, Any] = {"id": item["id"]}
+    if "conversations" in item:
+        meta["conversations"] = item["conversations"]
+        return meta
+    caption = ""
+    if "caption_path" in item:
+        caption = _text_of(Path(item["caption_path"]).read_bytes(), "the caption file").strip()
+    elif "caption_member" in item:
+        data = tar_bytes.get(item["caption_member"])
+        if data is None:
+            raise RejectError(f"caption member {item['caption_member']!r} could not be read from the tar")
+        caption = _text_of(data, "the caption member").strip()
+    meta["caption"] = caption
+    extra = None
+    if "meta_path" in item:
+        extra = Path(item["meta_path"]).read_bytes()
+    elif "meta_member" in item:
+        extra = tar_bytes.get(item["meta_member"])
+        if extra is None:
+            raise RejectError(f"metadata member {item['meta_member']!r} could not be read from the tar")
+    if extra:
+        try:
+            meta["meta"] = json.loads(_text_of(extra, "the .json metadata"))
+        except json.JSONDecodeError as err:
+            raise RejectError(
+                f"the .json metadata is not valid JSON ({err.msg} at line {err.lineno} column {err.colno}): "
+                "fix or delete it"
+            ) from None
+    return meta
+
+
 def _decode_item(item: dict[str, Any], tar_bytes: dict[str, bytes], preprocessors: list, max_pixels: int):
-    """One item -> ``(item, [pixels per encoder], meta)`` or ``(item, None, reason)``; runs in a thread."""
-    from visalign.images import TAR_SEP, RejectError, load_image
+    """One item -> ``(item, [pixels per encoder] | [] for text only, meta)`` or ``(item, None, reason)``.
+
+    Runs in a thread. The record is validated (``check_record``) and its json encoded once before the image
+    is decoded, so a record the trainer could not use, or one that cannot be written (a lone surrogate in
+    an id, a caption, a source or a sidecar), costs no decode and no forward.
+    """
+    from visalign.images import TAR_SEP, load_image
+    from visalign.samples import check_record
 
     if item.get("reject"):
         return item, None, item["reject"]
     try:
+        meta = _record(item, tar_bytes)
+        has_image = not item.get("text_only")
+        problem = check_record(meta, has_image)
+        if problem:
+            return item, None, problem
+        if not has_image:
+            S.encode_json({**meta, "has_image": False})  # SampleEncodeError: nothing is written for it
+            return item, [], meta
         source = item["source"]
+        meta = {"id": meta["id"], "source": source, "orig_size": [0, 0], **meta}
+        S.encode_json(meta)
         if TAR_SEP in source:
             data: Any = tar_bytes.get(source.split(TAR_SEP, 1)[1])
             if data is None:
-                raise RejectError(f"member missing from tar: {source}")
+                raise RejectError(
+                    f"image member {source.split(TAR_SEP, 1)[1]!r} could not be read from the tar"
+                )
         else:
             data = source
         image, orig_size = load_image(data, max_pixels=max_pixels)
         pixels = [pre(image) for pre in preprocessors]
-        meta: dict[str, Any] = {"id": item["id"], "source": source, "orig_size": list(orig_size)}
-        if "conversations" in item:
-            meta["conversations"] = item["conversations"]
-        else:
-            caption = None
-            if "caption_path" in item:
-                caption = Path(item["caption_path"]).read_text(encoding="utf-8", errors="replace").strip()
-            elif "caption_member" in item:
-                caption = tar_bytes.get(item["caption_member"], b"").decode("utf-8", errors="replace").strip()
-            meta["caption"] = caption if caption is not None else ""
-            extra = None
-            if "meta_path" in item:
-                extra = Path(item["meta_path"]).read_bytes()
-            elif "meta_member" in item:
-                extra = tar_bytes.get(item["meta_member"])
-            if extra:
-                try:
-                    meta["meta"] = json.loads(extra)
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    pass  # a broken sidecar loses its metadata, not the image
+        meta["orig_size"] = list(orig_size)
         return item, pixels, meta
-    except RejectError as err:
-        return item, None, str(err)
+    except (RejectError, S.SampleEncodeError) as err:
+        return item, None, stable_reason(str(err))
     except OSError as err:  # unreadable caption sidecar, permission errors
-        return item, None, f"unreadable input: {type(err).__name__}: {err}"
+        return item, None, stable_reason(f"unreadable input: {type(err).__name__}: {err}")
     except Exception as err:  # noqa: BLE001 - one odd file (a decoder bug, an exotic mode) must not stop a run
-        return item, None, f"could not decode/preprocess: {type(err).__name__}: {err}"
+        return item, None, stable_reason(f"could not decode/preprocess: {type(err).__name__}: {err}")
 
 
 def _prefetch(fn, items: list, num_threads: int, window: int) -> Iterator:
@@ -172,11 +262,17 @@ def _prefetch(fn, items: list, num_threads: int, window: int) -> Iterator:
             yield result
 
 
+def preprocessors_for(cfg: LabelConfig, encoders: list) -> list:
+    """Each encoder's own preprocessing with the run's ``--image-aspect`` (pad: each with its mean colour)."""
+    return [enc.preprocess_spec.with_aspect(cfg.image_aspect) for enc in encoders]
+
+
 def label_shard(task: dict[str, Any], cfg: LabelConfig) -> dict[str, Any]:
     """Label one input partition into ``OUT/shard-NNNNNN.tar`` + sidecar; return the sidecar's stats.
 
     ``task``: ``{"index", "items", "out", "word_emb_path", "fingerprint", "expert_fingerprints"}`` (paths
     and strings only). Safe to rerun: it always rewrites the shard from scratch through a ``.tmp`` file.
+    Samples are written in input order (text-only ones among the image ones), whatever the batch size.
     """
     import torch
 
@@ -195,9 +291,13 @@ def label_shard(task: dict[str, Any], cfg: LabelConfig) -> dict[str, Any]:
         )
     experts = [get_encoder(n, None, None, device, cfg.cache_dir) for n in cfg.experts]
     index_ = get_index(task["word_emb_path"], cfg.score, cfg.search_backend, device)
+    threads = task_threads(task)
+    if threads:
+        set_threads(threads)
     items = task["items"]
 
-    # tar inputs: read every needed member of each source tar in one pass, up front
+    # tar inputs: read every needed member of each source tar in one pass, up front; what a damaged tar
+    # does not give becomes a reject of its sample
     tar_bytes: dict[str, bytes] = {}
     wanted: dict[str, set[str]] = {}
     for item in items:
@@ -206,86 +306,205 @@ def label_shard(task: dict[str, Any], cfg: LabelConfig) -> dict[str, Any]:
             names = wanted.setdefault(tar_path, set())
             names.update(x for x in (member, item.get("caption_member"), item.get("meta_member")) if x)
     for tar_path, names in wanted.items():
-        try:
-            tar_bytes.update(read_tar_members(tar_path, names))
-        except (tarfile.TarError, OSError):
-            pass  # its items become "member missing" rejects
+        tar_bytes.update(read_tar_members(tar_path, names))
 
-    preprocessors = [enc.preprocess] + [e.preprocess for e in experts]
-    rejects: list[dict[str, str]] = []
-    timing = {"forward_s": 0.0, "search_s": 0.0, "wait_s": 0.0}
-    autocast = device.startswith("cuda")
-
-    def flush(batch: list[tuple[dict, list, dict]], writer: S.ShardWriter) -> None:
-        t0 = time.perf_counter()
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=autocast):
-            pixels_BCHW = torch.stack([b[1][0] for b in batch]).to(device)
-            main = enc(pixels_BCHW, feature_layer=cfg.feature_layer)
-            feats_BPD = main.feats_BPD.float().cpu().numpy().astype(np.float16)
-            joint_BPE = main.joint_BPE.float()
-            expert_feats = []
-            for j, e in enumerate(experts, start=1):
-                px = torch.stack([b[1][j] for b in batch]).to(device)
-                expert_feats.append(
-                    e(px, feature_layer=cfg.expert_feature_layer)
-                    .feats_BPD.float()
-                    .cpu()
-                    .numpy()
-                    .astype(np.float16)
-                )
-        t1 = time.perf_counter()
-        num_b, num_p, num_e = joint_BPE.shape
-        labels, scores = index_.search(joint_BPE.reshape(num_b * num_p, num_e), cfg.top_k)
-        labels_BPK = labels.reshape(num_b, num_p, cfg.top_k)
-        scores_BPK = scores.reshape(num_b, num_p, cfg.top_k)
-        t2 = time.perf_counter()
-        timing["forward_s"] += t1 - t0
-        timing["search_s"] += t2 - t1
-        for b, (item, _px, meta) in enumerate(batch):
-            experts_b = {name: ef[b] for name, ef in zip(cfg.experts, expert_feats)}
-            try:
-                writer.write(
-                    S.sample_key(meta["id"]), feats_BPD[b], labels_BPK[b], scores_BPK[b], meta, experts_b
-                )
-            except S.SampleEncodeError as err:
-                reject(item, str(err))
-
+    preprocessors = preprocessors_for(cfg, [enc, *experts])
     position = {id(item): i for i, item in enumerate(items)}
+    rejects: list[dict[str, Any]] = []  # found on this thread (decoding)
+    write_rejects: list[dict[str, Any]] = []  # found on the writing thread (serialisation)
+    timing = {"forward_s": 0.0, "search_s": 0.0, "wait_s": 0.0, "write_s": 0.0, "writer_wait_s": 0.0}
+    on_cuda = device.startswith("cuda")
+    search_on_writer = SEARCH_ON_WRITER if SEARCH_ON_WRITER is not None else on_cuda
 
-    def reject(item: dict[str, Any], reason: str) -> None:
-        rejects.append(
+    def reject(into: list, item: dict[str, Any], reason: str) -> None:
+        into.append(
             {"id": item["id"], "source": item["source"], "reason": reason, "_position": position[id(item)]}
         )
 
+    def forward(images: list) -> tuple[Any, Any, list]:
+        """ONE encoder forward (and one per expert) over the batch's images, on this thread."""
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=on_cuda):
+            main = enc(_to_device([b[1][0] for b in images], device), feature_layer=cfg.feature_layer)
+            expert_feats = [
+                e(
+                    _to_device([b[1][j] for b in images], device), feature_layer=cfg.expert_feature_layer
+                ).feats_BPD
+                for j, e in enumerate(experts, start=1)
+            ]
+            return main.feats_BPD, main.joint_BPE, expert_feats
+
+    def search(joint_BPE) -> tuple[np.ndarray, np.ndarray]:
+        num_b, num_p, num_e = joint_BPE.shape
+        labels, scores = index_.search(joint_BPE.float().reshape(num_b * num_p, num_e), cfg.top_k)
+        return labels.reshape(num_b, num_p, cfg.top_k), scores.reshape(num_b, num_p, cfg.top_k)
+
+    def write(job: tuple) -> None:
+        with torch.inference_mode():
+            write_batch(job)
+
+    def write_batch(job: tuple) -> None:
+        """Runs on the writing thread: (search), features to float16 on the host, every entry of the batch
+        serialised and appended to the tar in input order."""
+        batch, feats, joint_or_labels, expert_feats = job
+        rows: dict[int, int] = {id(b[0]): r for r, b in enumerate(x for x in batch if x[1])}
+        if rows:
+            if search_on_writer:
+                t0 = time.perf_counter()
+                labels_BPK, scores_BPK = search(joint_or_labels)
+                timing["search_s"] += time.perf_counter() - t0
+            else:
+                labels_BPK, scores_BPK = joint_or_labels
+            t0 = time.perf_counter()
+            feats_BPD = _host_float16(feats)
+            experts_host = [_host_float16(f) for f in expert_feats]
+        else:
+            t0 = time.perf_counter()
+        for item, pixels, meta in batch:
+            key = S.sample_key(meta["id"])
+            try:
+                if not pixels:
+                    writer.write_text_only(key, meta)
+                    continue
+                b = rows[id(item)]
+                experts_b = {name: ef[b] for name, ef in zip(cfg.experts, experts_host)}
+                writer.write(key, feats_BPD[b], labels_BPK[b], scores_BPK[b], meta, experts_b)
+            except S.SampleEncodeError as err:
+                reject(write_rejects, item, stable_reason(str(err)))
+        timing["write_s"] += time.perf_counter() - t0
+
+    def flush(batch: list[tuple[dict, list, dict]], writing: _WritingThread) -> None:
+        """The forward (and, on a CPU, the search) here; the rest on the writing thread."""
+        images = [b for b in batch if b[1]]
+        feats = joint = None
+        expert_feats: list = []
+        if images:
+            t0 = time.perf_counter()
+            feats, joint, expert_feats = forward(images)
+            t1 = time.perf_counter()
+            timing["forward_s"] += t1 - t0
+            if not search_on_writer:
+                # on a CPU the search's matmul wants every core, as the forward does: run them in turn
+                with torch.inference_mode():
+                    joint = search(joint)
+                timing["search_s"] += time.perf_counter() - t1
+        t0 = time.perf_counter()
+        writing.put((batch, feats, joint, expert_feats))
+        timing["writer_wait_s"] += time.perf_counter() - t0
+
     window = max(2 * cfg.batch_size, 2 * cfg.decode_threads)
     with S.ShardWriter(out, index) as writer:
-        batch: list = []
-        decoded = _prefetch(
-            lambda it: _decode_item(it, tar_bytes, preprocessors, cfg.max_image_pixels),
-            items,
-            cfg.decode_threads,
-            window,
-        )
-        while True:
-            t0 = time.perf_counter()
-            result = next(decoded, None)
-            timing["wait_s"] += time.perf_counter() - t0
-            if result is None:
-                break
-            item, pixels, meta_or_reason = result
-            if pixels is None:
-                reject(item, meta_or_reason)
-                continue
-            batch.append((item, pixels, meta_or_reason))
-            if len(batch) == cfg.batch_size:
-                flush(batch, writer)
-                batch = []
-        if batch:
-            flush(batch, writer)
+        writing = _WritingThread(write, name=f"label-write-{index}")
+        try:
+            batch: list = []
+            num_images = 0
+            decoded = _prefetch(
+                lambda it: _decode_item(it, tar_bytes, preprocessors, cfg.max_image_pixels),
+                items,
+                cfg.decode_threads,
+                window,
+            )
+            while True:
+                t0 = time.perf_counter()
+                result = next(decoded, None)
+                timing["wait_s"] += time.perf_counter() - t0
+                if result is None:
+                    break
+                item, pixels, meta_or_reason = result
+                if pixels is None:
+                    reject(rejects, item, meta_or_reason)
+                    continue
+                batch.append((item, pixels, meta_or_reason))
+                num_images += bool(pixels)
+                if num_images == cfg.batch_size:
+                    flush(batch, writing)
+                    batch, num_images = [], 0
+            if batch:
+                flush(batch, writing)
+            writing.finish()
+        finally:
+            writing.stop()
         timing_s = {k: round(v, 4) for k, v in timing.items()}
         timing_s["wall_s"] = round(time.perf_counter() - t_start, 4)
+        timing_s["threads"] = torch.get_num_threads()
         # rejects are listed in input order whatever the moment they were found (decode vs serialisation)
-        rejects.sort(key=lambda r: r.pop("_position"))
+        rejects = sorted(rejects + write_rejects, key=lambda r: r["_position"])
+        for r in rejects:
+            del r["_position"]
         return writer.close(
             {"num_items": len(items), "num_rejects": len(rejects), "rejects": rejects, "timing": timing_s}
         )
+
+
+SEARCH_ON_WRITER: bool | None = None
+"""Where the word search runs: ``None`` = on the writing thread on CUDA (the GPU computes it while this
+thread launches the next forward) and on the main thread on a CPU (the search's matmul, like the forward,
+wants every core: overlapping the two only makes them wait for each other). Tests set it to run both."""
+
+
+def _to_device(pixels: list, device: str):
+    import torch
+
+    stacked = torch.stack(pixels)
+    if device.startswith("cuda"):  # page-locked, so the copy overlaps the GPU's work on the last batch
+        return stacked.pin_memory().to(device, non_blocking=True)
+    return stacked.to(device)
+
+
+def _host_float16(feats) -> np.ndarray:
+    """Features as stored: float16 on the host (via float32 and numpy, as shards always were)."""
+    return feats.float().cpu().numpy().astype(np.float16)
+
+
+class _WritingThread:
+    """One thread that consumes jobs in order; a bounded queue, so the main thread stays at most ``depth``
+    batches ahead. The first error stops the work and is raised on the main thread at its next ``put`` or
+    at ``finish``."""
+
+    def __init__(self, fn, name: str, depth: int = 2):
+        import queue
+
+        self._fn = fn
+        self._queue: Any = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._cancelled = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            if self._error is not None or self._cancelled:
+                continue  # drain: the main thread must never block on a full queue
+            try:
+                self._fn(job)
+            except BaseException as err:  # noqa: BLE001 - handed to the main thread
+                self._error = err
+
+    def put(self, job) -> None:
+        import queue
+
+        while True:
+            if self._error is not None:
+                raise self._error
+            try:
+                self._queue.put(job, timeout=0.05)
+                return
+            except queue.Full:
+                continue
+
+    def finish(self) -> None:
+        """Wait for every job; raise the first error."""
+        self.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def stop(self) -> None:
+        """After a failure on the main thread: drop pending jobs and wait for the thread to end."""
+        if not self._thread.is_alive():
+            return
+        self._cancelled = True
+        self._queue.put(None)
+        self._thread.join()

@@ -101,9 +101,15 @@ def write_tiny_shards(
     feature_layer: int = -2,
     fingerprint: str = "enc-fp",
     words=None,
+    text_only=(),
+    record_sizes: bool = True,
+    edit_meta=None,
 ) -> Path:
     """Synthetic label shards through the contract's one writer (no encoder, no Dask): random features,
-    labels, alternating caption / conversation samples. Deterministic in its arguments."""
+    labels, alternating caption / conversation samples; the samples at the positions in ``text_only`` are
+    text-only (json alone). ``record_sizes=False`` leaves ``num_bytes`` out of the manifest, as schema 1 did;
+    ``edit_meta(i, meta) -> meta`` rewrites sample i's record (broken records of old shards). Deterministic in
+    its arguments."""
     from visalign import shards as S
 
     rng = np.random.default_rng(0)
@@ -126,11 +132,20 @@ def write_tiny_shards(
                     ]
                 feat = rng.standard_normal((P, D)).astype(np.float16)
                 labels = rng.integers(0, len(words), (P, K)).astype(np.int32)
-                writer.write(f"s{i:04d}", feat, labels, scores, meta)
+                if edit_meta is not None:
+                    meta = edit_meta(i, meta)
+                if i in text_only:
+                    del meta["source"], meta["orig_size"]
+                    if "conversations" in meta:
+                        meta["conversations"][0]["value"] = "What is word" + str(i % 20) + "?"
+                    writer.write_text_only(f"s{i:04d}", meta)
+                else:
+                    writer.write(f"s{i:04d}", feat, labels, scores, meta)
             stats = writer.close()
-        infos.append(
-            S.ShardInfo(name=stats["name"], num_samples=stats["num_samples"], sha256=stats["sha256"])
-        )
+        info = S.shard_info(root, stats)
+        if not record_sizes:
+            info.num_bytes = None
+        infos.append(info)
     side = int(round(P**0.5))
     manifest = S.Manifest(
         encoder=S.EncoderInfo(
@@ -152,6 +167,7 @@ def write_tiny_shards(
         shards=infos,
         num_samples=num_samples,
         num_rejects=0,
+        num_text_only=len(set(text_only) & set(range(num_samples))),
     )
     S.write_manifest(root, manifest)
     return root

@@ -82,21 +82,17 @@ def test_registry_lists_valid_names():
 
 
 def _preset_kinds():
-    """Every YAML preset under jobs/ (accelerate configs live in jobs/accelerate and are not ours)."""
-    return sorted(p for p in (ROOT / "jobs").glob("*.yaml"))
+    """The labelling presets (training presets: test_trainer_run.py checks them against the papers)."""
+    return sorted(p for p in (ROOT / "jobs").glob("label-*.yaml"))
 
 
 @pytest.mark.parametrize("preset", _preset_kinds(), ids=lambda p: p.name)
 def test_every_preset_parses(preset):
-    """A preset names its config class with a leading ``label-`` / ``pretrain-`` / ``finetune-`` / ``demo-``
-    prefix convention; each must load into that class without unknown keys or bad types."""
+    """Each labelling preset loads into LabelConfig without unknown keys or bad types."""
+    from pipeline.config import LabelConfig as cls
     from visalign.config import load_yaml
 
     data = load_yaml(preset)
-    if preset.name.startswith("label"):
-        from pipeline.config import LabelConfig as cls
-    else:
-        from trainer.config import TrainConfig as cls
     required = {
         f.name
         for f in dataclasses.fields(cls)
@@ -104,3 +100,16 @@ def test_every_preset_parses(preset):
     }
     filled = {name: data.get(name, "PLACEHOLDER") for name in required}
     resolve(cls, {"config": str(preset), **{k: v for k, v in filled.items() if k not in data}})
+
+
+def test_configs_recorded_with_data_format_are_read_as_conv_template():
+    from trainer.config import TrainConfig, upgrade_recorded
+    from visalign.config import from_dict, to_dict
+
+    current = to_dict(TrainConfig(shards="s", output="o"))
+    for old, new in (("plain", "plain"), ("chat", "tokenizer"), ("auto", "auto")):
+        recorded = {**current, "data": {k: v for k, v in current["data"].items() if k != "conv_template"}}
+        recorded["data"]["format"] = old
+        cfg = from_dict(TrainConfig, upgrade_recorded(recorded))
+        assert cfg.data.conv_template == new
+    assert upgrade_recorded(current) is current

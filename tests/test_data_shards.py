@@ -75,7 +75,7 @@ def test_ranks_get_equal_endless_batches_through_workers(tiny_shards):
     """2 ranks x 3 workers over 3 shards: each rank's DataLoader yields as many batches as asked (no hang,
     same count per rank), and the first pass of every slot is disjoint and complete."""
     root = tiny_shards(num_samples=12, samples_per_shard=4)
-    num_steps, per_slot = 6, 2  # 12 samples / 6 slots; batch_size 1 -> 6 batches = one pass per rank
+    num_steps = 6  # 12 samples / 6 slots; batch_size 1 -> 6 batches = one pass per rank
     seen = collections.Counter()
     for rank in range(2):
         stream = ShardStream(root, StreamLayout(2, rank, 3, batch_size=1, seed=1, shuffle_buffer=2))
@@ -89,7 +89,6 @@ def test_ranks_get_equal_endless_batches_through_workers(tiny_shards):
         assert [b[0]["slot"] for b in first] == [rank * 3 + i % 3 for i in range(num_steps)]  # round-robin
         assert all(b[0]["pass"] == 0 for b in first) and all(b[0]["pass"] == 1 for b in batches[num_steps:])
         seen.update(b[0]["meta"]["id"] for b in first)
-        assert per_slot * 3 == num_steps
     assert sorted(seen) == sorted(all_ids(root)) and set(seen.values()) == {1}
 
 

@@ -218,11 +218,14 @@ def test_hf_tokenizer_matches_openclip_bpe(encoders):
         assert hf_tok(text)["input_ids"] == oc_ids, text
 
 
-@pytest.mark.parametrize("backend", ["hf", "open_clip"])
-def test_text_context_truncation_keeps_embeddings(encoders, cache_dir, backend):
-    full = encoders[("tiny-clip", backend)]
-    short = load_encoder("tiny-clip", backend=backend, cache_dir=cache_dir, text_context=16)
+def test_text_context_truncation_keeps_embeddings(encoders, cache_dir):
+    """open_clip: a sliced positional embedding and causal mask give the full-context embeddings; hf: the
+    option really truncates (padding to the longest text already leaves embeddings unchanged there)."""
+    full = encoders[("tiny-clip", "open_clip")]
+    short = load_encoder("tiny-clip", backend="open_clip", cache_dir=cache_dir, text_context=16)
     torch.testing.assert_close(short.encode_text(WORDS), full.encode_text(WORDS), rtol=1e-5, atol=1e-5)
+    short_hf = load_encoder("tiny-clip", backend="hf", cache_dir=cache_dir, text_context=16)
+    assert short_hf._tokenize(["cat " * 40])["input_ids"].shape == (1, 16)
 
 
 def test_hf_text_matches_model_text_features(encoders):
@@ -439,20 +442,6 @@ def test_half_precision_forward(cache_dir, pixels, name, backend):
     torch.testing.assert_close(out.joint_BPE.float(), ref.joint_BPE, rtol=0.02, atol=0.02)
     assert encoder.encode_text(["cat"]).dtype == torch.float32
     assert encoder.fingerprint() == fingerprint  # identity of the weights as loaded, not of the cast
-
-
-def test_package_import_is_light():
-    """``import pipeline.encoders`` (the trainer does it for export) pulls no open_clip/timm/torchvision."""
-    import subprocess
-    import sys
-
-    code = (
-        "import sys, pipeline.encoders, pipeline.encoders.hf;"
-        "bad = [m for m in ('open_clip', 'timm', 'torchvision', 'faiss', 'dask') if m in sys.modules];"
-        "print(bad); sys.exit(1 if bad else 0)"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stdout + result.stderr
 
 
 @pytest.mark.slow

@@ -94,6 +94,7 @@ def test_console_scripts_chain(tmp_path, cache_dir):
        "--pictures", "1", env=env)  # fmt: skip
     metrics = json.loads((ev / "metrics.json").read_text())
     assert metrics["checkpoint_step"] == 2 and metrics["counts"]["samples"] == 4
+    assert metrics["counts"]["visual_tokens"] == 4 * manifest.num_patches
     num_layers = ours.vlm.llm.config.num_hidden_layers
     assert sorted(int(k) for k in metrics["per_layer"]) == list(range(num_layers + 1))
     assert all(0.0 <= row["hit@10"] <= 1.0 for row in metrics["per_layer"].values())

@@ -5,7 +5,6 @@ from __future__ import annotations
 import tarfile
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from trainer.evaluate import pictures as pic
@@ -64,6 +63,20 @@ def test_word_grid_long_words_fit_and_title_adds_a_band():
     words = [["incomprehensibilities"] * 3] * 3
     out = words_on_cells.word_grid_image(None, words, cell_px=48, title="layer 0")
     assert out.size == (144, 144 + int(48 * 0.6))
+    _assert_grid_with_text_in_every_cell(out, 3, 48, int(48 * 0.6))
+
+
+def _assert_grid_with_text_in_every_cell(image, grid: int, cell: int, top: int, min_bright: int = 10):
+    """Grid lines intact (no glyph crosses a cell border) and bright glyph pixels inside every cell."""
+    arr = np.asarray(image).astype(int)
+    for k in range(1, grid):
+        assert (arr[top:, k * cell] == 200).all(), f"column line {k}"
+        assert (arr[top + k * cell, :] == 200).all(), f"row line {k}"
+    bright = arr[top:].min(-1) > 150  # anti-aliased small glyphs are rarely pure white
+    for r in range(grid):
+        for c in range(grid):
+            cell_px = bright[r * cell + 1 : (r + 1) * cell, c * cell + 1 : (c + 1) * cell]
+            assert cell_px.sum() > min_bright, (r, c)
 
 
 def test_curves_and_tables(tmp_path):
@@ -72,7 +85,7 @@ def test_curves_and_tables(tmp_path):
         "b": {"hit@1": {0: 0.3}},
     }
     path = pic.plot_layer_curves(curves, tmp_path / "c.png", title="t")
-    assert Image.open(path).size[0] > 300
+    assert Image.open(path).size == (924, 352)  # two measures: one row of two 4.2 x 3.2 in panels, 110 dpi
     md = pic.markdown_table(["measure", "a", "b"], [["hit@1", 0.12345, float("nan")], ["n", 3, 4]])
     assert md.splitlines() == [
         "| measure | a | b |",
@@ -80,21 +93,35 @@ def test_curves_and_tables(tmp_path):
         "| hit@1 | 0.123 | nan |",
         "| n | 3 | 4 |",
     ]
-    assert Image.open(pic.table_png(["m", "a"], [["x", 0.5]], tmp_path / "t.png")).size[0] > 100
+    table = Image.open(pic.table_png(["m", "a"], [["x", 0.5]], tmp_path / "t.png"))
+    assert table.size == (504, 144)  # 4.2 x 1.2 in at 120 dpi
+    assert (np.asarray(table.convert("L")) < 100).sum() > 50  # the cells' text is drawn
     both = pic.side_by_side([Image.new("RGB", (10, 20)), Image.new("RGB", (30, 5))], gap=4)
     assert both.size == (44, 20)
 
 
-@pytest.mark.parametrize("grid", [24])
-def test_full_llava_grid_renders_at_readable_size(grid):
-    out = words_on_cells.word_grid_image(None, [["word"] * grid] * grid)
+def test_full_llava_grid_renders_at_readable_size():
+    out = words_on_cells.word_grid_image(None, [["word"] * 24] * 24)
     assert out.width == 1392 and out.height == 1392  # 58 px per cell: DejaVu >= 8 px fits 'word'
+    _assert_grid_with_text_in_every_cell(out, 24, 58, 0, min_bright=50)
 
 
 def test_view_geometry_falls_back_to_the_encoder_family():
     from types import SimpleNamespace
 
     enc = SimpleNamespace(name="no-such-siglip", backend="hf", path="/nonexistent", image_size=384)
-    assert words_on_cells.view_geometry(SimpleNamespace(encoder=enc)) == (384, "squash", "floor")
+    assert words_on_cells.view_geometry(SimpleNamespace(encoder=enc)) == (
+        384,
+        "squash",
+        "floor",
+        "crop",
+        None,
+    )
     enc = SimpleNamespace(name="no-such-clip", backend="hf", path="/nonexistent", image_size=336)
-    assert words_on_cells.view_geometry(SimpleNamespace(encoder=enc)) == (336, "shortest", "floor")
+    assert words_on_cells.view_geometry(SimpleNamespace(encoder=enc)) == (
+        336,
+        "shortest",
+        "floor",
+        "crop",
+        None,
+    )

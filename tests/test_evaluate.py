@@ -188,7 +188,7 @@ def test_projector_set_to_word_targets_scores_one(tiny, shards):
         ok_W,
         layers=[0],
     )
-    assert res["per_layer"][0]["hit@1"] == 1.0 and res["per_layer"][0]["meaningful_share"] == 1.0
+    assert res["per_layer"][0]["hit@1"] == 1.0
 
 
 def write_run(run: Path, shards: Path, seed: int, objective: str = "sea+distill") -> Path:
@@ -202,13 +202,20 @@ def write_run(run: Path, shards: Path, seed: int, objective: str = "sea+distill"
     return run
 
 
-def test_trainer_eval_writes_metrics_and_pictures(tiny, shards, tmp_path):
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, shards):
+    """Two real one-step runs shared by the eval tests: plain LLaVA (lm) and sea+distill."""
+    root = tmp_path_factory.mktemp("runs")
+    return {"lm": write_run(root / "llava", shards, 1, "lm"), "sea": write_run(root / "sea", shards, 2)}
+
+
+def test_trainer_eval_writes_metrics_and_pictures(tiny, shards, runs, tmp_path):
     from PIL import Image
 
     from trainer.checkpoint import OBJECTIVES, load_tensors, step_dir
 
     model, tok = tiny
-    run = write_run(tmp_path / "runA", shards, seed=1)
+    run = runs["sea"]
     cfg = R.EvalConfig(run=str(run), shards=str(shards), out=str(tmp_path / "eval"), samples=1, pictures=1)
     payload = R.run_eval(cfg)
     out = Path(cfg.out)
@@ -251,11 +258,10 @@ def test_trainer_eval_writes_metrics_and_pictures(tiny, shards, tmp_path):
     assert data["objectives"]["distill/reverse_cos/encoder"] == pytest.approx(expected, abs=1e-5)
 
 
-def test_trainer_compare_puts_two_runs_side_by_side(shards, tmp_path, cache_dir):
+def test_trainer_compare_puts_two_runs_side_by_side(shards, runs, tmp_path, cache_dir):
     from PIL import Image
 
-    run_a = write_run(tmp_path / "llava", shards, seed=1, objective="lm")
-    run_b = write_run(tmp_path / "sea", shards, seed=2, objective="sea+distill")
+    run_a, run_b = runs["lm"], runs["sea"]
     out = tmp_path / "cmp"
     cfg_a = R.EvalConfig(run=str(run_a), shards=str(shards), out=str(out), samples=3, pictures=2, layers=(2,))
     cfg_b = dataclasses.replace(cfg_a, run=str(run_b))
@@ -273,10 +279,10 @@ def test_trainer_compare_puts_two_runs_side_by_side(shards, tmp_path, cache_dir)
     assert [r["counts"]["samples"] for r in runs] == [3, 3]
 
 
-def test_cli_eval_and_its_errors(shards, tmp_path, capsys):
+def test_cli_eval_and_its_errors(shards, runs, tmp_path, capsys):
     from trainer.cli import main
 
-    run = write_run(tmp_path / "run", shards, seed=3, objective="lm")
+    run = runs["lm"]
     out = tmp_path / "ev"
     argv = ["eval", str(run), "--shards", str(shards), "--out", str(out), "--samples", "2", "--layers", "1"]
     assert main(argv + ["--pictures", "1", "--device", "cpu"]) == 0

@@ -35,6 +35,20 @@ def test_first_steps_equal_the_golden_values(work, name):
             assert g[key] == pytest.approx(e[key], rel=1e-5, abs=1e-8), (name, step, key, g[key], e[key])
 
 
+def test_every_report_reaches_the_log(work):
+    """The objectives' diagnostics (not golden: they are reports) are logged next to the losses, finite."""
+    import math
+
+    log = work / "run-sea+basic+distill-finetune" / "log.jsonl"
+    if not log.is_file():  # run alone (-k): train the case here
+        run_case("sea+basic+distill", "finetune", work)
+    records = [json.loads(line) for line in log.open()]
+    keys = ["sea/pairs", "sea/pair_acc", "sea/temperature", "basic/attn_entropy", "distill/cos_encoder"]
+    for record in records:
+        assert all(math.isfinite(record[key]) for key in keys), record
+        assert record["sea/pairs"] >= 2
+
+
 def test_golden_values_record_why_they_changed():
     assert GOLDEN_DATA["history"] and all(entry["why"].strip() for entry in GOLDEN_DATA["history"])
     assert set(GOLDEN_DATA["cases"]) == set(CASES)

@@ -311,7 +311,8 @@ def test_bad_inputs_are_rejects_not_failures(tmp_path, photo_dataset, words_file
     assert "empty file" in reasons["zero"]
     assert "missing file" in reasons["missing"]
     assert "decompression bomb" in reasons["bomb"]
-    assert "missing 'image'" in reasons["noimage"] and "conversations" in reasons["badconv"]
+    # no image key: a text-only record, whose <image> mark has nothing to stand for
+    assert "text-only record with 1 '<image>'" in reasons["noimage"] and "conversations" in reasons["badconv"]
     m = S.read_manifest(out)
     assert m.num_rejects == 7 and m.num_samples == 11 and sum(s.num_rejects for s in m.shards) == 7
     assert [r["id"] for r in rejects] == [
@@ -423,3 +424,24 @@ def test_worker_device_spreads_local_workers_over_gpus(monkeypatch):
     assert worker_device("cuda:1") == "cuda:1" and worker_device("cpu") == "cpu"
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert worker_device("cuda") == "cuda"
+
+
+def test_hf_towers_load_without_remote_code(monkeypatch, cache_dir):
+    """Every transformers load of the pipeline says trust_remote_code=False explicitly (model and tokenizer)."""
+    import transformers
+
+    from pipeline.encoders import load_encoder
+
+    seen = []
+    for cls in (transformers.CLIPModel, transformers.SiglipModel, transformers.AutoTokenizer):
+        original = cls.from_pretrained.__func__
+
+        def spy(klass, *args, _original=original, **kwargs):
+            seen.append((klass.__name__, kwargs.get("trust_remote_code", "absent")))
+            return _original(klass, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
+    load_encoder("tiny-clip", backend="hf", cache_dir=str(cache_dir))
+    load_encoder("tiny-siglip", backend="hf", cache_dir=str(cache_dir))
+    assert {name for name, _ in seen} == {"CLIPModel", "SiglipModel", "AutoTokenizer"}
+    assert all(flag is False for _, flag in seen), seen

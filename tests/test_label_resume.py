@@ -18,6 +18,7 @@ import pytest
 
 from pipeline.config import LabelConfig
 from pipeline.driver import run_label
+from pipeline.task import available_cores
 from visalign import shards as S
 
 REPO = Path(__file__).resolve().parent.parent
@@ -72,12 +73,21 @@ def _images_root(photo_dataset: Path) -> str:
     return str(photo_dataset.parent / "images")
 
 
-def test_kill9_then_resume_equals_uninterrupted(tmp_path, many_photos, photo_dataset, cache_dir):
+@pytest.fixture(scope="module")
+def lone_run(tmp_path_factory, many_photos, photo_dataset, cache_dir) -> Path:
+    """The reference: the console command run alone, uninterrupted."""
+    from pipeline.cli import main
+
+    out = tmp_path_factory.mktemp("lone") / "out"
+    assert main(["label", *_args(many_photos, out, cache_dir, images=_images_root(photo_dataset))]) == 0
+    return out
+
+
+def test_kill9_then_resume_equals_uninterrupted(tmp_path, many_photos, photo_dataset, cache_dir, lone_run):
     from pipeline.cli import main
 
     images = _images_root(photo_dataset)
-    ref_out = tmp_path / "ref"
-    assert main(["label", *_args(many_photos, ref_out, cache_dir, images=images)]) == 0
+    ref_out = lone_run
 
     out = tmp_path / "killed"
     env = dict(os.environ, VISALIGN_CACHE=str(cache_dir), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
@@ -107,6 +117,42 @@ def test_kill9_then_resume_equals_uninterrupted(tmp_path, many_photos, photo_dat
     assert not list(out.glob("*.tmp"))
 
 
+def test_two_runs_started_together_one_is_refused(tmp_path, many_photos, photo_dataset, cache_dir, lone_run):
+    """Two `pipeline label` on one folder at the same moment: one refused naming the other, whose output is
+    byte for byte that of a lone run (shards, manifest but its timestamp, rejects, word list)."""
+    images = _images_root(photo_dataset)
+    lone = lone_run
+
+    out = tmp_path / "shared"
+    env = dict(os.environ, VISALIGN_CACHE=str(cache_dir), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "pipeline.cli", "label", *_args(many_photos, out, cache_dir, images=images)]
+    procs = [
+        subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    try:
+        results = [(p, *p.communicate(timeout=300)) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert sorted(p.returncode for p in procs) == [0, 3], [r[2][-500:] for r in results]
+    winner = next(p for p in procs if p.returncode == 0)
+    _, _, err = next(r for r in results if r[0].returncode == 3)
+    assert (
+        f"{out} is in use by" in err and f"pid {winner.pid}" in err and "one pipeline label per folder" in err
+    )
+    assert len(err.strip().splitlines()) == 1, err
+
+    def files(root: Path) -> dict[str, bytes]:
+        names = sorted(p.name for p in root.glob("shard-*.tar")) + [S.REJECTS, S.WORDLIST]
+        return {name: (root / name).read_bytes() for name in names}
+
+    assert files(out) == files(lone) and len(files(out)) == 14 + 2
+    assert snapshot(out)[0] == snapshot(lone)[0], "manifests equal except `created`"
+    assert not list(out.glob("*.tmp"))
+
+
 def _same_shards(a: Path, b: Path) -> None:
     ma, ca = snapshot(a)
     mb, cb = snapshot(b)
@@ -131,9 +177,16 @@ def _scheduler_config(many_photos, photo_dataset, cache_dir) -> dict:
 def test_local_cluster_equals_synchronous(tmp_path, many_photos, photo_dataset, cache_dir):
     base = _scheduler_config(many_photos, photo_dataset, cache_dir)
     run_label(LabelConfig(shards=str(tmp_path / "sync"), scheduler="synchronous", **base))
-    summary = run_label(LabelConfig(shards=str(tmp_path / "local"), scheduler="local", workers=2, **base))
+    # one worker process: the Dask path (task and config pickling, as_completed) at half the start-up cost;
+    # several workers on one node are covered by the slow existing-cluster test
+    summary = run_label(LabelConfig(shards=str(tmp_path / "local"), scheduler="local", workers=1, **base))
     assert summary["num_images"] == 14 and summary["num_shards"] == 3
     _same_shards(tmp_path / "sync", tmp_path / "local")
+    # the worker computes on the machine's cores, not on the one thread Dask's nanny gives a worker
+    threads = {
+        json.loads(p.read_text())["timing"]["threads"] for p in (tmp_path / "local").glob("shard-*.json")
+    }
+    assert threads == {available_cores()}
 
 
 def _free_port() -> int:

@@ -49,6 +49,37 @@ def test_import_rules(package):
     assert violations(package) == [], f"{package} may not import {sorted(FORBIDDEN[package])}"
 
 
+def test_fresh_imports_stay_light(cache_dir):
+    """In a fresh interpreter: every module of ``trainer`` and ``visalign`` loads no Dask, FAISS, open_clip or
+    pipeline code (third-party imports at module level, which the static rule above cannot see); then
+    ``pipeline.encoders`` adds no open_clip, timm, FAISS or Dask (they are imported only when their backend or
+    scheduler is asked for)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib, pkgutil, sys\n"
+        "import trainer, visalign\n"
+        "for pkg in (trainer, visalign):\n"
+        "    for info in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + '.'):\n"
+        "        importlib.import_module(info.name)\n"
+        "def heavy(names):\n"
+        "    return sorted(m for m in sys.modules if m.split('.')[0] in names)\n"
+        "print(len(sys.modules), heavy(('dask', 'distributed', 'faiss', 'open_clip', 'pipeline')))\n"
+        "before = set(sys.modules)\n"
+        "import pipeline.encoders, pipeline.encoders.hf\n"
+        "print(sorted(m for m in set(sys.modules) - before if m.split('.')[0] in ('open_clip', 'timm', 'faiss', 'dask')))\n"
+    )
+    env = {**os.environ, "VISALIGN_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    first, second = out.stdout.strip().splitlines()[-2:]
+    num_modules, trainer_heavy = first.split(" ", 1)
+    assert trainer_heavy == "[]" and int(num_modules) > 500  # the modules (and torch) were really imported
+    assert second == "[]"
+
+
 def test_the_rule_sees_lazy_imports(tmp_path):
     """A violation inside a function body is found too (the form lazy imports take here)."""
     sample = tmp_path / "m.py"

@@ -29,10 +29,12 @@ def test_second_holder_is_refused_and_named(tmp_path):
 def test_a_killed_holder_never_blocks(tmp_path):
     code = f"from visalign.locks import FolderLock\nFolderLock({str(tmp_path)!r}, 'x').acquire()\nprint('held', flush=True)\nimport time; time.sleep(60)\n"
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "held"
-    with pytest.raises(FolderBusyError, match=f"pid {proc.pid}"):
-        FolderLock(tmp_path, "x").acquire()
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        with pytest.raises(FolderBusyError, match=f"pid {proc.pid}"):
+            FolderLock(tmp_path, "x").acquire()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
     assert (tmp_path / LOCK_FILE).is_file()  # the file stays behind ...
     FolderLock(tmp_path, "x").acquire().release()  # ... but its lock died with the process

@@ -8,7 +8,6 @@ Letters: B batch, T sequence, P patches (4 x 4 grid), D feature width, K label s
 from __future__ import annotations
 
 import copy
-import math
 import types
 
 import pytest
@@ -124,15 +123,10 @@ def train(model, objectives, weights, optim, batch, num_steps, only=None):
     return history
 
 
-@pytest.mark.parametrize("spec", ["lm", "sea", "basic", "distill", "sea+basic+distill"])
-def test_two_steps_finite(setup, spec):
-    model, objectives, weights, optim = build(setup, spec)
-    batch = make_batch(setup[1])
-    history = train(model, objectives, weights, optim, batch, 2)
-    expected = {"lm_loss"} | {k for k in weights if k != "lm_loss"}
-    assert set(history) == expected and all(len(v) == 2 for v in history.values())
-    if "basic" in objectives:
-        assert union_needs(objectives).attention_layers == (1,)  # tiny-llm: 2 layers -> k = 1
+def test_basic_asks_for_the_shallow_half(setup):
+    _, objectives, _, _ = build(setup, "basic")
+    assert union_needs(objectives).attention_layers == (1,)  # tiny-llm: 2 layers -> k = 1
+    assert union_needs(objectives).hidden_layers == (1,)
 
 
 @pytest.mark.parametrize("key", ["sea_loss", "basic_das_loss", "basic_sds_loss", "distill_loss"])
@@ -150,7 +144,9 @@ def test_auxiliary_loss_decreases(setup, key):
     for group in optim.param_groups:
         group["lr"] = lr
     batch = make_batch(setup[1])  # fixed batch and step: SEA draws the same pairs every step
-    values = train(model, objectives, weights, optim, batch, 25, only={key})[key]
+    # steps by when each term halves on this setup (sea 1, distill 3, das 9, sds 14), with margin
+    num_steps = {"sea_loss": 4, "distill_loss": 8, "basic_das_loss": 16, "basic_sds_loss": 22}[key]
+    values = train(model, objectives, weights, optim, batch, num_steps, only={key})[key]
     assert values[-1] < 0.5 * values[0], values
 
 
@@ -163,33 +159,3 @@ def test_distill_gradients_reach_projector_and_reverse_projectors(setup):
     losses["distill_loss"].backward()
     for name, param in list(model.projector.named_parameters()) + list(objectives.named_parameters()):
         assert param.grad is not None and param.grad.abs().sum() > 0, name
-
-
-def test_trainer_run_with_all_objectives(tiny_shards, cache_dir, tmp_path):
-    """The real entry point: ``trainer run --objective sea+basic+distill`` logs every loss and report."""
-    import json
-
-    from trainer.cli import main
-
-    shards = tiny_shards(num_samples=4, samples_per_shard=2)
-    run = tmp_path / "run"
-    argv = ["run", "--shards", str(shards), "--output", str(run), "--llm", "tiny-llm", "--batch-size", "2"]
-    argv += ["--objective", "sea+basic+distill", "--max-steps", "3", "--lr", "1e-2"]
-    argv += ["--logging.progress", "false", "--logging.tensorboard", "false", "--logging.log_every", "1"]
-    assert main(argv) == 0
-    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3]
-    keys = [
-        "lm_loss",
-        "sea_loss",
-        "basic_das_loss",
-        "basic_sds_loss",
-        "distill_loss",
-        "sea/pairs",
-        "sea/pair_acc",
-    ]
-    keys += ["sea/temperature", "basic/attn_entropy", "distill/cos_encoder"]
-    for record in records:
-        for key in keys:
-            assert key in record and math.isfinite(record[key]), (key, record)
-        assert record["sea/pairs"] >= 2

@@ -1,6 +1,11 @@
-"""The `pipeline` console script: label/info/show/stats through main(); one-line errors for user mistakes."""
+"""The `pipeline` console script: label/info/show/stats through main(); one-line errors for user mistakes.
+
+The labelled input is the bundled photos plus two text-only records (no "image" key), as in LLaVA's mix.
+"""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -20,6 +25,10 @@ WORDS = (
 def labelled(tmp_path_factory, photo_dataset, cache_dir):
     root = tmp_path_factory.mktemp("cli")
     (root / "words.txt").write_text(WORDS.replace(" ", "\n"))
+    records = json.loads(photo_dataset.read_text())
+    chat = [{"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": "Blue."}]
+    records[2:2] = [{"id": "chat-1", "conversations": chat}, {"id": "chat-2", "conversations": chat}]
+    (root / "mix.json").write_text(json.dumps(records))
     out = root / "out"
     rc = main(
         [
@@ -27,7 +36,7 @@ def labelled(tmp_path_factory, photo_dataset, cache_dir):
             "--config",
             "jobs/label-demo.yaml",
             "--input",
-            str(photo_dataset),
+            str(root / "mix.json"),
             "--images",
             str(photo_dataset.parent / "images"),
             "--shards",
@@ -58,8 +67,29 @@ def test_label_writes_contract_files(labelled):
 def test_info(labelled, capsys):
     assert main(["info", str(labelled)]) == 0
     text = capsys.readouterr().out
-    assert "tiny-clip" in text and "7 in 3 shards, 0 rejects" in text and "top-5 by cos" in text
-    assert "20 words" in text
+    assert "tiny-clip" in text and "top-5 by cos" in text and "20 words" in text
+    assert "9 in 3 shards (7 with an image, 2 text-only), 0 rejects" in text
+    sizes = sum((labelled / f"shard-{i:06d}.tar").stat().st_size for i in range(3))
+    assert f"{sizes / 1e3:.2f} kB of shards ({sizes / 7 / 1e3:.2f} kB per image sample)" in text
+    assert "crop, then shortest resize to 64 px" in text
+
+
+def test_text_only_samples_in_the_shards_and_manifest(labelled):
+    m = S.read_manifest(labelled)
+    assert (m.num_samples, m.num_text_only, m.schema_version) == (9, 2, 2)
+    per_shard = []
+    for info, path in zip(m.shards, m.shard_paths(labelled)):
+        samples = list(S.iter_tar(path))
+        text_only = [s for s in samples if "feat" not in s]
+        per_shard.append(len(text_only))
+        assert info.num_samples == len(samples) and info.num_text_only == len(text_only)
+        assert info.num_bytes == path.stat().st_size and info.sha256 == S.sha256_file(path)
+        for s in text_only:  # the json member alone: text, no image fields
+            assert set(s) == {"__key__", "meta"} and s["meta"]["has_image"] is False
+            assert "source" not in s["meta"] and "orig_size" not in s["meta"]
+    assert per_shard == [1, 1, 0], "input order kept: records 2 and 3 of 9, three per shard"
+    ids = [s["meta"]["id"] for p in m.shard_paths(labelled) for s in S.iter_tar(p)]
+    assert ids[:5] == ["astronaut", "cat", "chat-1", "chat-2", "coffee"]
 
 
 def test_stats_match_a_direct_count(labelled, capsys):
@@ -67,9 +97,9 @@ def test_stats_match_a_direct_count(labelled, capsys):
     text = capsys.readouterr().out
     st = label_stats(labelled)
     # independent count straight from the shards
-    labels = np.concatenate(
-        [s["labels"] for p in S.read_manifest(labelled).shard_paths(labelled) for s in S.iter_tar(p)]
-    )
+    samples = [s for p in S.read_manifest(labelled).shard_paths(labelled) for s in S.iter_tar(p)]
+    labels = np.concatenate([s["labels"] for s in samples if "labels" in s])
+    assert st["num_samples"] == 9 and st["num_text_only"] == 2 == sum("labels" not in s for s in samples)
     assert st["num_patches"] == labels.shape[0] == 7 * 64
     assert st["top1_words_used"] == len(set(labels[:, 0][labels[:, 0] >= 0].tolist()))
     assert st["any_words_used"] == len(set(labels[labels >= 0].tolist()))
@@ -91,6 +121,13 @@ def test_show_draws_the_encoder_view(labelled, tmp_path):
     # the top label of the first patch is written in its cell: white glyph pixels there, none in a blank run
     first_cell = arr[4:44, 4:44]
     assert ((first_cell == 255).all(-1)).sum() > 10
+
+
+def test_show_refuses_a_text_only_sample(labelled, tmp_path, capsys):
+    assert main(["show", str(labelled), "--key", "chat-1", "--out", str(tmp_path / "x.png")]) == 3
+    err = capsys.readouterr().err.strip()
+    assert "'chat-1'" in err and "text-only" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "x.png").exists()
 
 
 @pytest.mark.parametrize(
@@ -133,8 +170,45 @@ def test_user_errors_are_one_line(argv, needle, tmp_path, photo_dataset, capsys,
     assert len(err.splitlines()) == 1, err
 
 
+@pytest.mark.parametrize(
+    "flag,value,needle",
+    [
+        ("--batch-size", "0", "--batch-size must be >= 1, got 0"),
+        ("--samples-per-shard", "-3", "--samples-per-shard must be >= 1, got -3"),
+        ("--top-k", "0", "--top-k must be >= 1, got 0"),
+        ("--workers", "0", "--workers must be >= 1, got 0"),
+        ("--decode-threads", "0", "--decode-threads must be >= 1, got 0"),
+        ("--max-image-pixels", "0", "--max-image-pixels must be >= 1, got 0"),
+        ("--text-context", "2", "--text-context must be >= 3"),
+        ("--image-aspect", "square", "image_aspect"),
+        ("--score", "dot", "score"),
+        ("--dense", "gradcam", "--dense 'gradcam'"),
+        ("--search-backend", "annoy", "--search-backend 'annoy'"),
+        ("--batch-size", "1.5", "batch_size"),
+    ],
+)
+def test_bad_numbers_and_choices_are_one_line_before_any_work(flag, value, needle, tmp_path, capsys):
+    out = tmp_path / "o"
+    argv = ["label", "--encoder", "tiny-clip", "--input", "x.json", "--shards", str(out), flag, value]
+    assert main(argv) == 3
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1, err
+    assert not out.exists(), "a refused configuration leaves no output folder behind"
+
+
 def test_bad_flag_is_argparse_error(capsys):
     assert main(["label", "--no-such-flag", "1"]) == 2
     assert "unrecognized arguments" in capsys.readouterr().err
     assert main(["label", "--help"]) == 0
     assert "--samples-per-shard" in capsys.readouterr().out
+
+
+def test_top_k_above_the_word_count_is_refused(tmp_path, photo_dataset, capsys, cache_dir):
+    (tmp_path / "w.txt").write_text("cat\ndog\n")
+    argv = ["label", "--encoder", "tiny-clip", "--input", str(photo_dataset), "--images",
+            str(photo_dataset.parent / "images"), "--shards", str(tmp_path / "o"), "--wordlist",
+            str(tmp_path / "w.txt"), "--top-k", "3", "--cache-dir", str(cache_dir), "--progress", "false"]  # fmt: skip
+    assert main(argv) == 3
+    err = capsys.readouterr().err.strip()
+    assert "--top-k 3 is more than the 2 words" in err and len(err.splitlines()) == 1
+    assert not list((tmp_path / "o").glob("shard-*")), "refused before any shard"

@@ -51,6 +51,9 @@ def test_unusable_lists_are_clear_errors(tmp_path, content):
     path.write_bytes(content)
     with pytest.raises(WordlistError, match=str(path)):
         load_wordlist(path)
+
+
+def test_missing_list_is_a_clear_error(tmp_path):
     with pytest.raises(WordlistError, match="does not exist"):
         load_wordlist(tmp_path / "missing.txt")
 

@@ -33,9 +33,24 @@ class DataConfig:
     """samples held in each worker's shuffle buffer (memory ~ buffer x one sample's features); 1 = none"""
     max_length: int = 2048
     """longest token sequence (text + visual tokens); longer texts are truncated, never the visual block"""
-    format: Literal["auto", "plain", "chat"] = "auto"
-    """text format: 'plain' (LLaVA pre-training: visual tokens, caption, eos), 'chat' (the LLM's chat
-    template over the conversation), 'auto' = plain for --stage pretrain, chat for finetune"""
+    conv_template: Literal["auto", "plain", "vicuna_v1", "llama_3", "chatml", "qwen_2", "tokenizer"] = "auto"
+    """conversation format (docs/conversations.md): 'plain' (LLaVA-1.5 stage 1: <image>, caption, newline),
+    'vicuna_v1' (LLaVA-1.5 stage 2: system prompt, USER:/ASSISTANT:, the LLM's eos after each reply),
+    'llama_3', 'chatml' (= 'qwen_2'), 'tokenizer' (the LLM's own chat template); 'auto' = plain for
+    --stage pretrain, tokenizer for finetune. Only assistant replies and their end marker are supervised"""
+    image_position: Literal["auto", "keep", "first"] = "auto"
+    """where the visual tokens go in a turn with <image>: 'first' moves the mark to the start of its turn
+    followed by a newline (LLaVA's preprocess_multimodal), 'keep' leaves it where the record has it; 'auto' =
+    first for the named templates, keep for 'tokenizer'. A record without the mark gets it at the start of
+    its first user turn either way"""
+    system_prompt: str | None = None
+    """system prompt of samples that have none: None = the template's own (LLaVA's for the named templates,
+    whatever the LLM's chat template inserts for 'tokenizer'), '' = none (drops e.g. SmolLM2's default),
+    else this text"""
+    verify_shards: Literal["full", "size"] = "full"
+    """compare every shard with its manifest before training: 'full' reads every byte once (sha256 + a
+    strict decode; a passing shard is stamped in the model cache so later runs skip it), 'size' checks size,
+    tar headers and sample counts only (seconds, but misses bytes changed in place)"""
 
 
 @dataclasses.dataclass
@@ -124,9 +139,15 @@ class CheckpointConfig:
 @dataclasses.dataclass
 class LoggingConfig:
     log_every: int = 1
-    """write a log.jsonl / TensorBoard record every this many steps"""
-    tensorboard: bool = True
-    """log through Accelerate's TensorBoard tracker into RUN/"""
+    """write a log.jsonl record (and send it to the trackers) every this many steps"""
+    report_to: tuple[str, ...] = ("tensorboard",)
+    """trackers (Accelerate's) that get every log.jsonl scalar under the same name: tensorboard, wandb,
+    mlflow, comet_ml, aim, clearml, dvclive, swanlab, trackio, comma-separated; 'none' = log.jsonl only.
+    They write inside RUN/ and need no network (W&B runs offline without credentials; docs/trainer.md)"""
+    project: str = "visalign"
+    """the W&B project / MLflow experiment the run is logged under (the run is named after --output)"""
+    tensorboard: bool | None = None
+    """deprecated, use --logging.report-to: false removes tensorboard from it, true adds it"""
     progress: bool = True
     """show a tqdm progress bar on the main process"""
     seen_ids: bool = False
@@ -168,7 +189,7 @@ class TrainConfig:
     shards: str
     """a finished `pipeline label` output folder (manifest.json + shard-*.tar)"""
     output: str
-    """the run folder: config.yaml, log.jsonl, TensorBoard events, checkpoints/"""
+    """the run folder: config.yaml, env.json, log.jsonl, tracker files (tensorboard/, ...), checkpoints/"""
     objective: str = "lm"
     """objectives, '+'-separated: lm, sea, basic, distill (lm is always included)"""
     stage: Literal["pretrain", "finetune"] = "pretrain"
@@ -340,6 +361,7 @@ RESUME_IGNORED = (
     "logging.",
     "eval.",
     "parallel.shard_frozen_llm",  # the same numbers, another memory / communication trade
+    "data.verify_shards",  # how thoroughly the shards are checked before training, not what is trained
 )
 """settings that never change what is computed: a resume may change them without being refused"""
 
@@ -389,3 +411,19 @@ def setting_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple
 def fixed_settings(changes: dict[str, Any]) -> list[str]:
     """The changed settings no checkpoint can follow (``RESUME_FIXED``)."""
     return [key for key in changes if _matches(key, RESUME_FIXED)]
+
+
+# data.format (plain | chat | auto) became data.conv_template; chat meant the tokenizer's own template
+_OLD_FORMATS = {"plain": "plain", "chat": "tokenizer", "auto": "auto"}
+
+
+def upgrade_recorded(recorded: dict[str, Any]) -> dict[str, Any]:
+    """A TrainConfig dict recorded by an older version, in today's keys (checkpoints and config.yaml of runs
+    made before ``data.format`` became ``data.conv_template``); a current dict is returned unchanged."""
+    data = recorded.get("data")
+    if not isinstance(data, dict) or "format" not in data:
+        return recorded
+    data = dict(data)
+    old = data.pop("format")
+    data.setdefault("conv_template", _OLD_FORMATS.get(old, old))
+    return {**recorded, "data": data}

@@ -3,7 +3,9 @@
 Input: a ``TrainConfig`` (``trainer.config``). Output, in ``cfg.output`` (RUN): ``config.yaml`` (the resolved
 config, written once the start is accepted), ``config-history.jsonl`` (one line per accepted start, with the
 settings a ``--resume-with-changes`` changed), ``memory.json`` (the per-process memory estimate printed at
-start), ``log.jsonl`` (one record per --log-every steps and for every skipped step), TensorBoard events, and
+start), ``env.json`` (the environment of each start), ``log.jsonl`` (one record per --log-every steps and for
+every skipped step, also sent under the same names to the ``--logging.report-to`` trackers,
+``trainer.tracking``), and
 ``checkpoints/step-NNNNNN`` (``trainer.checkpoint``). Read top to bottom: ``Trainer.__init__`` takes the run
 folder and builds, ``train`` -> ``train_step`` (one optimiser step = grad_accum micro-batches) ->
 ``forward_backward``.
@@ -62,9 +64,11 @@ import torch
 from torch import nn
 
 from trainer import checkpoint as ckpt_io
-from trainer import parallel
-from trainer.config import TrainConfig, fixed_settings, setting_changes
-from trainer.data import StreamLayout, build_stream, make_loader
+from trainer import parallel, tracking
+from trainer.config import TrainConfig, fixed_settings, setting_changes, upgrade_recorded
+from trainer.data import StreamLayout, build_stream, make_loader, verify_shards
+from trainer.data.collate import record_skipped
+from trainer.data.conversations import text_format
 from trainer.memory import MemoryPlan, estimate_memory, peak_mib, reset_peak
 from trainer.models.build import build_train_module, check_manifest_against, init_projector
 from trainer.objectives import objective_weights, parse_spec
@@ -154,12 +158,13 @@ class Trainer:
                 "--optim.mixed_precision fp16 with FSDP is not supported (it needs a sharded loss scaler); "
                 "use bf16 or --parallel.strategy ddp"
             )
+        trackers = tracking.make_trackers(cfg, tracking.tracker_names(cfg.logging))
         with parallel.accelerate_without_fsdp_plugin():
             self.accelerator = Accelerator(
                 cpu=on_cpu(),
                 # under FSDP, mixed precision is FSDP's own (gathered bf16 weights); no autocast on top
                 mixed_precision="no" if strategy == "fsdp" else precision,
-                log_with="tensorboard" if cfg.logging.tensorboard else None,
+                log_with=trackers or None,
                 project_dir=str(self.run),
                 step_scheduler_with_optimizer=False,
                 # gradients live in DDP's all-reduce buckets instead of a second copy
@@ -213,6 +218,8 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         set_seed(cfg.seed)  # same init on every rank; resume overwrites RNGs from the checkpoint
         self.manifest = read_manifest(cfg.shards)
+        verify_shards(cfg.shards, self.manifest, cfg.data.verify_shards, acc.process_index, acc.num_processes,
+                      cache_dir=cfg.model.cache_dir, progress=acc.is_main_process and cfg.logging.progress)  # fmt: skip
         self.step = 0
         self.num_batches = 0  # micro-batches this rank consumed from the stream (its loader position)
         self.skips = {"total": 0, "consecutive": 0}
@@ -282,17 +289,14 @@ class Trainer:
             seed=cfg.seed,
             shuffle_buffer=cfg.data.shuffle_buffer,
         )
-        fmt = (
-            cfg.data.format if cfg.data.format != "auto" else ("plain" if cfg.stage == "pretrain" else "chat")
-        )
+        fmt = text_format(cfg.data, cfg.stage)
         stream = build_stream(
             cfg.shards, self.manifest, self.tokenizer, fmt, cfg.data.max_length, self.layout, self.num_batches
         )
         self.stream = stream
         self.batches = iter(make_loader(stream))
         self.heldout = self.build_heldout(fmt)
-        if cfg.logging.tensorboard:
-            acc.init_trackers("tensorboard")
+        tracking.start_trackers(acc, cfg)
         if self._resumed_rng is not None:
             # last: creating the loader's iterator draws from the global RNG (its base seed), which the
             # uninterrupted run did before the state that was saved
@@ -364,6 +368,7 @@ class Trainer:
         if not self.accelerator.is_main_process:
             return
         write_resolved(self.cfg, self.run / "config.yaml")
+        tracking.write_env(self.run, self.accelerator, self.step)
         (self.run / MEMORY_FILE).write_text(json.dumps(self.memory_record, indent=1))
         entry = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -478,6 +483,7 @@ class Trainer:
                 metrics["samples_per_s"] = metrics.pop("num_samples") / elapsed
                 metrics["tokens_per_s"] = metrics.pop("num_tokens") / elapsed
                 self.record_seen(micro_batches)
+                record_skipped(self.run, acc.process_index, self.step, micro_batches)
                 bar.update(1)
                 bar.set_postfix(
                     {k: f"{v:.4g}" for k, v in metrics.items() if k.endswith("_loss") or "per_s" in k}
@@ -521,11 +527,12 @@ class Trainer:
                 sum(b["num_target_tokens"] for b in micro_batches),
                 sum(int(b["attention_mask_BT"].sum()) for b in micro_batches),
                 sum(len(b["ids"]) for b in micro_batches),
+                sum(len(b.get("skipped", ())) for b in micro_batches),
             ],
             dtype=torch.float64,
             device=acc.device,
         )
-        num_targets, num_tokens, num_samples = acc.reduce(local, reduction="sum").tolist()
+        num_targets, num_tokens, num_samples, num_skipped = acc.reduce(local, reduction="sum").tolist()
         normaliser = max(num_targets, 1.0) / acc.num_processes / num_accum
 
         # FSDP reduce-scatters after every micro-batch unless asked to hold full-size gradients until the last
@@ -579,6 +586,7 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         metrics["num_samples"], metrics["num_tokens"] = num_samples, num_tokens
+        metrics["skipped_samples"] = num_skipped  # unusable samples left out of this step, all ranks
         return metrics
 
     def record_learning_rates(self, metrics: dict[str, float]) -> None:
@@ -630,7 +638,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             with open(self.run / LOG_FILE, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
-        self.accelerator.log({k.replace("/", "_"): v for k, v in metrics.items()}, step=self.step)
+        self.accelerator.log(dict(metrics), step=self.step)  # the trackers get log.jsonl's names
 
     def record_seen(self, micro_batches: list[dict[str, Any]]) -> None:
         """Debug (--logging.seen_ids): one line per consumed sample, for coverage checks across ranks."""
@@ -781,7 +789,11 @@ class Trainer:
 
     def _truncate_logs(self, step: int) -> None:
         """Drop log records written after the checkpoint we resume from (a crash after it re-runs them)."""
-        for path in [self.run / LOG_FILE, *self.run.glob("seen-rank*.jsonl")]:
+        for path in [
+            self.run / LOG_FILE,
+            *self.run.glob("seen-rank*.jsonl"),
+            *self.run.glob("skipped-rank*.jsonl"),
+        ]:
             if path.is_file():
                 lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
                 path.write_text("".join(ln + "\n" for ln in lines))
@@ -800,7 +812,7 @@ def _with_defaults(recorded: dict[str, Any]) -> dict[str, Any]:
     """A checkpoint's recorded config with the settings it predates at their defaults (so that a setting
     added later does not count as a change), or as recorded if it no longer parses."""
     try:
-        return to_dict(from_dict(TrainConfig, recorded))
+        return to_dict(from_dict(TrainConfig, upgrade_recorded(recorded)))
     except (VisalignError, TypeError, ValueError):
         return recorded
 

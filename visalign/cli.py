@@ -20,7 +20,7 @@ import sys
 import traceback
 from collections.abc import Callable
 
-from visalign.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, EXIT_USER, VisalignError
+from visalign.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, EXIT_USER, VisalignError
 
 DEBUG_FLAG = "--debug"
 
@@ -69,6 +69,11 @@ def run_command(prog: str, commands: dict[str, Callable[[list[str]], int]], argv
     except KeyboardInterrupt:
         sys.stderr.write(f"{prog} {cmd}: interrupted; rerun the same command to resume\n")
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # the reader of our output went away (`pipeline stats OUT | head`): not an error of ours; silence
+        # the interpreter's own complaint when it flushes stdout at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except Exception:  # noqa: BLE001 - a bug: show everything, exit non-zero
         traceback.print_exc()
         sys.stderr.write(

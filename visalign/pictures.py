@@ -1,9 +1,8 @@
 """Words drawn on patch cells over the image as the encoder saw it: one helper for both halves.
 
-* ``encoder_view(source, image_size, resize_mode, crop_rounding)``: the sample's image re-read from the
-  source recorded in its shard json (a path, or ``<tar>::<member>``), resized/cropped exactly as the encoder
-  saw it (``visalign.images.Preprocess`` geometry, from ``view_geometry``); a grey canvas when the source
-  is gone.
+* ``encoder_view(source, *view_geometry(manifest))``: the sample's image re-read from the source recorded
+  in its shard json (a path, or ``<tar>::<member>``), padded/resized/cropped exactly as the encoder saw it
+  (``visalign.images.Preprocess`` geometry, recorded in the manifest); a grey canvas when the source is gone.
 * ``word_grid_image(image, words_HW, status_HW)``: SEA Figure 1 style: one word centred in each patch cell,
   coloured by a status (``trainer eval``: green when the nearest word is one of the patch's CLIP labels, red
   when not, white when the patch has no label; ``pipeline show``: the top CLIP label, white).
@@ -29,24 +28,37 @@ def resize_mode_for(encoder_name: str) -> str:
     return "squash" if "siglip" in encoder_name.lower() else "shortest"
 
 
-def view_geometry(manifest) -> tuple[int, str, str]:
-    """``(image_size, resize_mode, crop_rounding)`` of the shards' encoder.
+def view_geometry(manifest) -> tuple[int, str, str, str, tuple[int, int, int] | None]:
+    """``(image_size, resize_mode, crop_rounding, aspect, pad_color)`` of the shards' encoder.
 
-    Exact from the preprocessing the manifest records (``encoder.preprocess``); manifests written before it
+    Exact from the preprocessing the manifest records (``encoder.preprocess``, including how a non-square
+    image was made square: ``crop``, ``pad`` with ``pad_color``, ``resize``); manifests written before it
     was recorded fall back to the family: SigLIP squashes, the rest resize the short side and centre-crop
     with HF's floor rounding.
     """
+    from visalign.images import Preprocess
+
     enc = manifest.encoder
     spec = getattr(enc, "preprocess", None)
     if spec:
-        return int(spec["image_size"]), str(spec["resize_mode"]), str(spec["crop_rounding"])
-    return int(enc.image_size), resize_mode_for(enc.name), "floor"
+        pre = Preprocess.from_dict(spec)
+        return pre.image_size, pre.resize_mode, pre.crop_rounding, pre.aspect, pre.pad_color
+    return int(enc.image_size), resize_mode_for(enc.name), "floor", "crop", None
 
 
 def encoder_view(
-    source: str | None, image_size: int, resize_mode: str = "shortest", crop_rounding: str = "floor"
+    source: str | None,
+    image_size: int,
+    resize_mode: str = "shortest",
+    crop_rounding: str = "floor",
+    aspect: str = "crop",
+    pad_color: Sequence[int] | None = None,
 ) -> tuple[Image.Image, bool]:
-    """``(RGB image S x S as the encoder saw it, found)``; a grey S x S canvas and ``False`` if unreadable."""
+    """``(RGB image S x S as the encoder saw it, found)``; a grey S x S canvas and ``False`` if unreadable.
+
+    The arguments are ``view_geometry``'s; ``pad`` without a colour pads with grey (only the manifest knows
+    the encoder's mean).
+    """
     from visalign.images import Preprocess, read_source
 
     if source:
@@ -55,10 +67,11 @@ def encoder_view(
         except Exception:  # missing file, moved tar, corrupt bytes: the picture still gets drawn
             img = None
         if img is not None:
-            # mean 0 / std 1 turns the encoder's preprocessing into pure geometry (resize + crop) in [0, 1]
-            pre = Preprocess(image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), resize_mode, crop_rounding)
-            arr = (pre(img).clamp(0, 1) * 255 + 0.5).byte().permute(1, 2, 0).numpy()
-            return Image.fromarray(arr, "RGB"), True
+            color = tuple(pad_color) if pad_color is not None else (GREY if aspect == "pad" else None)
+            pre = Preprocess(
+                image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), resize_mode, crop_rounding, aspect, color
+            )
+            return pre.square(img), True
     return Image.new("RGB", (image_size, image_size), GREY), False
 
 

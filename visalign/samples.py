@@ -13,7 +13,11 @@ between runs), the same wherever the check runs. The rules are those every conve
   (what LLaVA's preprocessing asserts), and at least one assistant reply exists (something to supervise);
 * ``<image>``: an image sample has at most one mark (none: the visual tokens go before the first user turn),
   in a user turn; a text-only sample has none;
-* or ``caption``: a string.
+* or ``caption``: a string without ``<image>`` (it is the supervised reply; the visual tokens go before it).
+
+Every record these rules accept renders in every conversation format (plain, vicuna_v1, llama_3, chatml, the
+tokenizer's template); what is left to a format (e.g. a chat template that refuses a system turn) is reported
+by the trainer for the sample.
 """
 
 from __future__ import annotations
@@ -50,8 +54,10 @@ def check_record(meta: Mapping[str, Any], has_image: bool) -> str | None:
         return "malformed record: neither 'conversations' nor a 'caption' string"
     if _bad_text(caption):
         return "malformed record: the caption is not valid Unicode text (a lone surrogate?)"
-    if IMAGE_TOKEN in caption and not has_image:
-        return f"text-only record with an {IMAGE_TOKEN!r} mark"
+    if IMAGE_TOKEN in caption:
+        if not has_image:
+            return f"text-only record with an {IMAGE_TOKEN!r} mark"
+        return f"{IMAGE_TOKEN!r} in the caption; the visual tokens go before the caption, not inside it"
     return None
 
 

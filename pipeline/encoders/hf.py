@@ -95,8 +95,12 @@ class HFVisionEncoder(VisionEncoder):
             from transformers import SiglipModel as model_cls
         # fp32 on load whatever the checkpoint stores: the caller casts (e.g. fp16 on GPU) after the
         # fingerprint is taken, so the same weights always give the same fingerprint.
-        self.model = model_cls.from_pretrained(str(path), dtype=torch.float32).eval().requires_grad_(False)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        self.model = (
+            model_cls.from_pretrained(str(path), dtype=torch.float32, trust_remote_code=False)
+            .eval()
+            .requires_grad_(False)
+        )
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
         self.model_type = model_type
         self.name = name
         self.path = str(path)
@@ -118,8 +122,7 @@ class HFVisionEncoder(VisionEncoder):
         self.check_feature_layer(feature_layer)
         self.check_pixels(pixels_BCHW)
         vision = self.model.vision_model
-        out = vision(pixel_values=pixels_BCHW.to(self.model_dtype), output_hidden_states=True)
-        states_BTD = out.hidden_states
+        states_BTD = encoder_hidden_states(vision, pixels_BCHW.to(self.model_dtype))
         feats_BPD = states_BTD[feature_layer][:, self.num_prefix :]
         last_BTD = states_BTD[-1]
         if self.model_type == "clip":
@@ -154,6 +157,30 @@ class HFVisionEncoder(VisionEncoder):
     # ------------------------------------------------------------------ identity / export
     def _fingerprint_parts(self):
         return hf_identity_config(self.model.config.to_dict()), self.model.state_dict()
+
+
+def encoder_hidden_states(vision, pixels_BCHW: Tensor) -> list[Tensor]:
+    """HF's ``hidden_states`` of a CLIP/SigLIP vision transformer (encoder input, then each layer's output).
+
+    Collected with hooks because ``output_hidden_states`` is honoured by the inner transformer in
+    transformers 5 but, for SigLIP in 4.x, only by the outer ``PreTrainedModel`` (the inner one returns None).
+    """
+    states_BTD: list[Tensor] = []
+
+    def encoder_input(_module, args, kwargs):
+        states_BTD.append(kwargs["inputs_embeds"] if "inputs_embeds" in kwargs else args[0])
+
+    def layer_output(_module, _args, output):
+        states_BTD.append(output[0] if isinstance(output, tuple) else output)
+
+    handles = [vision.encoder.register_forward_pre_hook(encoder_input, with_kwargs=True)]
+    handles += [layer.register_forward_hook(layer_output) for layer in vision.encoder.layers]
+    try:
+        vision(pixel_values=pixels_BCHW)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return states_BTD
 
 
 def maskclip_hf_layer(layer, hidden_BTD: Tensor) -> Tensor:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +89,12 @@ def build_clip_tokenizer():
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {t: i for i, t in enumerate(tokens)}
     assert len(vocab) == CLIP_VOCAB and vocab["<|endoftext|>"] == EOS_ID
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CLIP_CONTEXT)
+    # through files: transformers 4.x's CLIPTokenizer takes only file paths, 5.x both
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+        merges_text = "#version: 0.2\n" + "".join(" ".join(m) + "\n" for m in merges)
+        (Path(tmp) / "merges.txt").write_text(merges_text, encoding="utf-8")
+        return CLIPTokenizer.from_pretrained(tmp, model_max_length=CLIP_CONTEXT)
 
 
 # ---------------------------------------------------------------------------- HF towers

@@ -1,7 +1,9 @@
-"""Training data: shard streaming (``shards``), text formatting (``conversations``), batching (``collate``).
+"""Training data: shard streaming (``shards``), verification (``verify``), text formatting
+(``conversations``), batching (``collate``).
 
 ``build_stream`` wires them for one rank: manifest root + tokenizer + layout -> an endless ``ShardStream`` of
-batch dicts (see ``trainer/objectives/base.py`` for the fields), to be wrapped by ``make_loader``.
+batch dicts (fields in ``trainer/data/collate.py``), to be wrapped by ``make_loader``. ``verify_shards``
+compares every shard with its manifest first (``--data.verify-shards``).
 """
 
 from __future__ import annotations
@@ -9,9 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from trainer.data.collate import Collator, SampleTransform
+from trainer.data.collate import Collator, SampleTransform, UnusableDataError
 from trainer.data.conversations import IMAGE_TOKEN, ConversationError, Formatter
 from trainer.data.shards import ShardStream, StreamLayout, make_loader, split_range
+from trainer.data.verify import verify_shards
 from visalign.shards import Manifest
 
 
@@ -29,7 +32,7 @@ def build_stream(
         root,
         layout,
         transform=SampleTransform(formatter),
-        collate=Collator(formatter.pad_id),
+        collate=Collator(formatter.pad_id, manifest),
         start_batches=start_batches,
         manifest=manifest,
     )
@@ -43,7 +46,9 @@ __all__ = [
     "SampleTransform",
     "ShardStream",
     "StreamLayout",
+    "UnusableDataError",
     "build_stream",
     "make_loader",
     "split_range",
+    "verify_shards",
 ]

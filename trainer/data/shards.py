@@ -17,11 +17,19 @@ How the samples are split (the choice the brief asked us to make and document):
 * Batches are formed inside a slot (``batch_size`` consecutive samples, crossing pass boundaries), and a
   rank takes its batches round-robin from its ``W`` logical workers: batch ``b`` comes from worker ``b % W``
   (exactly how ``torch.utils.data.DataLoader`` interleaves worker outputs).
+* Text-only samples are ordinary samples of this order, as in LLaVA's mixture: they are split, shuffled and
+  batched like the others, and a micro-batch holds whatever mix its window has (``collate.py``: dense rows
+  with the ``has_image_B`` mask).
+* Every sample is decoded strictly (``visalign.shards.decode_checked``) and then transformed; one that
+  fails (arrays unlike the manifest's, a record ``check_record`` refuses, text the formatter cannot render)
+  becomes an unusable-sample marker that the collator leaves out of its micro-batch and reports in
+  ``batch["skipped"]`` (the trainer writes ``RUN/skipped-rank{r}.jsonl``). It still counts as read.
 
 Resume: the loader position is one number per rank, the batches consumed ``num_batches``; every slot's
 position follows from it (``state_dict``/``start_batches``), and the slot streams are pure functions of
-``(seed, pass, slot)``, so a resumed run sees exactly the samples the uninterrupted one would have seen.
-Skipped samples are read from the tar but never decoded.
+``(seed, pass, slot)``, so a resumed run sees exactly the samples the uninterrupted one would have seen,
+and skips exactly the unusable ones it would have skipped (positions count samples read, not used).
+Samples before the resume position are read from the tar but never decoded.
 
 We read tars with ``tarfile`` rather than webdataset: the split above needs "samples i..j of shard k",
 which a per-shard webdataset pipeline does not express; both read the same members (``visalign.shards``).
@@ -32,7 +40,7 @@ Letters: B batch, P patches, D feature width, K top-k slots.
 from __future__ import annotations
 
 import dataclasses
-import tarfile
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -41,8 +49,17 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from trainer.data.collate import skipped_sample
 from visalign.config import ConfigError
-from visalign.shards import Manifest, decode_sample, read_manifest
+from visalign.shards import (
+    META,
+    Manifest,
+    SampleError,
+    decode_checked,
+    iter_raw,
+    read_manifest,
+    sample_layout,
+)
 
 
 def split_range(num_samples: int, num_slots: int, slot: int) -> tuple[int, int]:
@@ -72,29 +89,6 @@ def slot_pieces(counts: list[int], order: list[int], start: int, stop: int) -> l
             pieces.append((shard, a - lo, b - lo))
         offset = hi
     return pieces
-
-
-def iter_raw(path: str | Path, first: int = 0, end: int | None = None) -> Iterator[dict[str, Any]]:
-    """Raw members (bytes) of samples ``first .. end-1`` of one tar; earlier samples are skipped unread."""
-    index = -1
-    current: dict[str, Any] | None = None
-    with tarfile.open(path, "r") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.partition(".")
-            if current is None or current["__key__"] != key:
-                if current is not None and index >= first:
-                    yield current
-                index += 1
-                current = {"__key__": key}
-                if end is not None and index >= end:
-                    return
-            if index >= first:  # tarfile seeks over the data of members we never extract
-                f = tar.extractfile(member)
-                current[ext] = f.read() if f else b""
-        if current is not None and index >= first and (end is None or index < end):
-            yield current
 
 
 def shuffle_buffer(items: Iterator[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
@@ -159,6 +153,7 @@ class ShardStream(IterableDataset):
         self.counts = [s.num_samples for s in self.manifest.shards]
         self.paths = self.manifest.shard_paths(self.root)
         self.num_samples = sum(self.counts)
+        self.layout_arrays = sample_layout(self.manifest)
         self.num_slots = layout.world_size * layout.num_logical_workers
         split_range(self.num_samples, self.num_slots, 0)  # refuse N < S here, in the main process
 
@@ -185,10 +180,22 @@ class ShardStream(IterableDataset):
                 if skip:
                     skip -= 1
                     continue
-                sample = decode_sample(raw)
-                sample["slot"], sample["pass"] = slot, pass_index
-                yield self.transform(sample) if self.transform else sample
+                yield self.prepare(raw, slot, pass_index)
             pass_index += 1
+
+    def prepare(self, raw: dict[str, Any], slot: int, pass_index: int) -> dict[str, Any]:
+        """Decode (strictly) and transform one raw sample; an unusable one becomes ``{"skip": reason}``."""
+        try:
+            sample = decode_checked(raw, self.layout_arrays)
+        except SampleError as err:
+            try:  # the record's id, when its json is readable, else the tar key
+                meta = json.loads(raw.get(META, b"{}"))
+            except ValueError:
+                meta = None
+            where = {"__key__": raw["__key__"], "meta": meta, "slot": slot, "pass": pass_index}
+            return skipped_sample(where, str(err))
+        sample["slot"], sample["pass"] = slot, pass_index
+        return self.transform(sample) if self.transform else sample
 
     def batches_before(self, logical_worker: int, num_batches: int) -> int:
         """Batches logical worker ``w`` produced among the first ``num_batches`` of this rank (b % W == w)."""

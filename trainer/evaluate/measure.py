@@ -1,7 +1,9 @@
 """The alignment measures over batches: shared by ``trainer eval``/``compare`` and the periodic evaluation.
 
 Input: the ``VisualLM``, the run's objective modules, collated batches (``eval_inputs`` builds them from the
-first samples of a shard root, in manifest order) and the word list's SEA targets. Output: every measure of
+first image samples of a shard root, in manifest order) and the word list's SEA targets. Every measure is
+about visual tokens: text-only samples are never picked (``first_samples``), and a text-only row in a batch
+given here is left out of every measure. Output: every measure of
 ``trainer/evaluate/metrics.py`` at every requested layer (0 = projector output, l = LLM layer l), pooled
 exactly over batches, plus each objective's own ``eval_measures``. Definitions: docs/eval.md.
 
@@ -18,7 +20,7 @@ from typing import Any
 import torch
 
 from trainer.evaluate import metrics as M
-from trainer.objectives.base import Needs
+from trainer.objectives.base import Needs, image_mask
 from visalign.errors import InputError
 
 IGNORE_INDEX = -100
@@ -148,15 +150,20 @@ def evaluate_batches(
             batch = _to_device(batch, device)
             out = model(batch, needs=needs)
             embed_Nd = out.embed_Nd.detach()
-            caption_ids = caption_token_ids(batch, special_ids)
-            caption_embeds = [embed_Nd[ids.to(device)] for ids in caption_ids]
-            B = batch["input_ids_BT"].shape[0]
+            image_B = image_mask(batch, batch["input_ids_BT"].shape[0], device)
+            rows = image_B.nonzero().flatten().tolist()
+            if not rows:
+                continue
+            all_ids = caption_token_ids(batch, special_ids)
+            caption_embeds = [embed_Nd[all_ids[i].to(device)] for i in rows]
+            labels_BPK = batch["labels_BPK"][image_B]
+            B = len(rows)
             take = max(0, min(B, keep_nearest - num_samples))
             picked = [{} for _ in range(take)]
             for layer, h_BPd in layer_states(out, layers, num_layers, norm).items():
-                h_BPd = h_BPd.float()
+                h_BPd = h_BPd[image_B].float()
                 near_BP = M.nearest_words(h_BPd, word_targets_Wd, word_ok_W)
-                hits[layer].append(M.label_hits(h_BPd, word_targets_Wd, batch["labels_BPK"], ks, near_BP))
+                hits[layer].append(M.label_hits(h_BPd, word_targets_Wd, labels_BPK, ks, near_BP))
                 share = M.meaningful_share(h_BPd, embed_Nd, is_word_token_N)
                 meaningful[layer].append((share, h_BPd.shape[0] * h_BPd.shape[1]))
                 consistency[layer] += M.alignment_consistency_per_sample(
@@ -228,21 +235,24 @@ def eval_inputs(
     objectives, **inputs)``. ``batches`` is a list (re-iterable: the Trainer evaluates the same held-out
     batches every time); word targets are rebuilt from the model's current E on every call."""
     from trainer.data.collate import Collator, SampleTransform
-    from trainer.data.conversations import Formatter
+    from trainer.data.conversations import ConversationError, Formatter
     from trainer.objectives.sea import cached_word_tokens
     from visalign.shards import read_manifest, read_wordlist
 
     manifest = read_manifest(shards)
     words = read_wordlist(shards)
-    samples = samples if samples is not None else first_samples(shards, num_samples)
+    samples = samples if samples is not None else first_samples(shards, num_samples, cache_dir=cache_dir)
     if not samples:
         raise InputError(f"{shards} holds no samples to evaluate")
     formatter = Formatter(tokenizer, manifest.num_patches, fmt, max_length)  # type: ignore[arg-type]
-    transform, collate = SampleTransform(formatter), Collator(formatter.pad_id)
-    batches = [
-        collate([transform(dict(s)) for s in samples[i : i + batch_size]])
-        for i in range(0, len(samples), batch_size)
-    ]
+    transform, collate = SampleTransform(formatter), Collator(formatter.pad_id, manifest)
+    batches = []
+    for i in range(0, len(samples), batch_size):
+        rows = [transform(dict(s)) for s in samples[i : i + batch_size]]
+        unusable = [r for r in rows if "skip" in r]
+        if unusable:  # first_samples checked the records; what is left is a setting (format, length)
+            raise ConversationError(f"evaluation sample {unusable[0]['id']!r}: {unusable[0]['skip']}")
+        batches.append(collate(rows))
     tokens_WS = torch.from_numpy(
         cached_word_tokens(words, tokenizer, _word_cache(cache_dir), manifest.wordlist.sha256)
     )
@@ -268,16 +278,49 @@ def flat_report(result: Mapping[str, Any], prefix: str = "eval") -> dict[str, fl
     return flat
 
 
-def first_samples(shards_root: str | Path, num: int) -> list[dict[str, Any]]:
-    """The first ``num`` decoded samples in manifest order (the same ones for every run compared)."""
-    from visalign.shards import iter_tar, read_manifest
+def first_samples(
+    shards_root: str | Path, num: int, verify: str = "full", cache_dir: str | Path | None = None
+) -> list[dict[str, Any]]:
+    """The first ``num`` usable image samples in manifest order (the same ones for every run compared).
+
+    Text-only samples, and samples whose record fails ``visalign.samples.check_record`` or whose arrays do
+    not decode as the manifest says, are passed over (logged). Each shard is verified against the manifest
+    (``trainer.data.verify``, ``verify`` mode, stamped in ``cache_dir``) before its first sample is used.
+    """
+    import logging
+
+    from trainer.data.verify import verify_shards
+    from visalign.samples import check_record
+    from visalign.shards import SampleError, decode_checked, iter_raw, read_manifest, sample_layout
 
     manifest = read_manifest(shards_root)
+    layout = sample_layout(manifest)
     samples: list[dict[str, Any]] = []
-    for path in manifest.shard_paths(shards_root):
-        for sample in iter_tar(path):
+    passed: list[str] = []
+    for index, path in enumerate(manifest.shard_paths(shards_root)):
+        if len(samples) >= num:
+            break
+        if manifest.shards[index].num_samples == manifest.shards[index].num_text_only:
+            continue
+        verify_shards(shards_root, manifest, verify, cache_dir=cache_dir, indices=[index])
+        for raw in iter_raw(path):
+            try:
+                sample = decode_checked(raw, layout)
+            except SampleError as err:
+                passed.append(f"{raw['__key__']}: {err}")
+                continue
+            if not sample["has_image"]:
+                continue
+            reason = check_record(sample["meta"], True)
+            if reason is not None:
+                passed.append(f"{sample['meta'].get('id', raw['__key__'])}: {reason}")
+                continue
             sample["slot"], sample["pass"] = 0, 0  # the collator records them; evaluation has no slots
             samples.append(sample)
             if len(samples) >= num:
-                return samples
+                break
+    if passed:
+        logging.getLogger(__name__).warning(
+            "%d unusable samples of %s were passed over (first: %s)", len(passed), shards_root, passed[0]
+        )
     return samples

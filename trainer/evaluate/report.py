@@ -132,9 +132,10 @@ def word_pictures(
     return out
 
 
-def _resolve_format(train_cfg: Any) -> str:
-    fmt = train_cfg.data.format
-    return ("plain" if train_cfg.stage == "pretrain" else "chat") if fmt == "auto" else fmt
+def _resolve_format(train_cfg: Any) -> Any:
+    from trainer.data.conversations import text_format
+
+    return text_format(train_cfg.data, train_cfg.stage)
 
 
 def _device(name: str) -> torch.device:

@@ -14,10 +14,12 @@ implementation is switched to ``"visalign_sdpa"`` inside the context and restore
 built on ``AttentionInterface`` (Llama, Qwen2, Mistral, ...) works.
 
 Inputs of ``capture_text_to_visual``: the HF causal LM, ``layers`` (1-based as ``H_l``: layer l is decoder
-layer index l-1), ``visual_start_B`` (first visual position per sample), ``num_visual`` (P) and
-``text_query_mask_BT`` (True at text positions whose attention is averaged).
+layer index l-1), ``visual_start_B`` (first visual position per sample; -1 for a sample without visual
+tokens, a text-only one), ``num_visual`` (P) and ``text_query_mask_BT`` (True at text positions whose
+attention is averaged).
 Output: ``holder.result_BP`` (float32) = mean over heads, masked text queries and ``layers`` of the
-attention probability on visual key ``start + p``; not normalised per sample (BASIC does that).
+attention probability on visual key ``start + p``; not normalised per sample (BASIC does that). The row of a
+sample without visual tokens, or without a text query, is zero.
 
 Letters: B batch, H attention heads, T sequence, Q text query rows, C rows of one chunk, P visual tokens,
 h head dim.
@@ -96,8 +98,12 @@ def text_to_visual_probs(
         return sum_BP
     # text positions first, in order (stable sort), then the batch's largest text count
     pos_BQ = torch.argsort((~text_mask_BT).to(torch.int8), dim=1, stable=True)[:, :num_rows]
-    valid_BQ = torch.arange(num_rows, device=device)[None] < num_text_B[:, None]
-    visual_idx_BP = visual_start_B.to(device).long()[:, None] + torch.arange(num_visual, device=device)[None]
+    start_B = visual_start_B.to(device).long()
+    has_visual_B = start_B >= 0
+    # a row without visual tokens reads keys 0..P-1 (clamped to the sequence) and is zeroed at the end
+    valid_BQ = (torch.arange(num_rows, device=device)[None] < num_text_B[:, None]) & has_visual_B[:, None]
+    visual_idx_BP = start_B.clamp(min=0)[:, None] + torch.arange(num_visual, device=device)[None]
+    visual_idx_BP = visual_idx_BP.clamp(max=num_tokens - 1)
     key_pos_T = torch.arange(num_tokens, device=device)
     key_BHhT = key_BHTh.float().transpose(2, 3)
     if attention_mask is not None:
@@ -129,7 +135,7 @@ def text_to_visual_probs(
         index_BHCP = visual_idx_BP[:, None, None, :].expand(num_batch, num_heads, num_chunk, num_visual)
         visual_BHCP = probs_BHCT.gather(-1, index_BHCP)
         sum_BP += (visual_BHCP.sum(1) * valid_BQ[:, lo : lo + chunk, None].float()).sum(1)
-    return sum_BP / (num_heads * num_text_B.clamp(min=1).float()[:, None])
+    return sum_BP / (num_heads * num_text_B.clamp(min=1).float()[:, None])  # zero rows stay zero
 
 
 def visalign_sdpa_forward(module, query, key, value, attention_mask, *args: Any, **kwargs: Any):

@@ -224,14 +224,14 @@ def train_config_of(ckpt: Path, state: dict[str, Any]):
     """The resolved TrainConfig recorded in a checkpoint (else the run's config.yaml)."""
     import yaml
 
-    from trainer.config import TrainConfig
+    from trainer.config import TrainConfig, upgrade_recorded
 
     if "config" in state:
-        return from_dict(TrainConfig, state["config"])
+        return from_dict(TrainConfig, upgrade_recorded(state["config"]))
     config_path = ckpt.parent.parent / "config.yaml"
     if not config_path.is_file():
         raise ckpt_io.CheckpointError(f"{ckpt} records no config and {config_path} is missing")
-    return from_dict(TrainConfig, yaml.safe_load(config_path.read_text()))
+    return from_dict(TrainConfig, upgrade_recorded(yaml.safe_load(config_path.read_text())))
 
 
 def load_trained(

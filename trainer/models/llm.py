@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from trainer.models.portable import portable_tokenizer_config
 from visalign.cache import build_once, default_cache_dir
 from visalign.config import ConfigError
 from visalign.errors import InputError
@@ -185,6 +186,7 @@ def build_tiny_llm(folder: Path) -> None:
         model = LlamaForCausalLM(config)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
+    portable_tokenizer_config(folder)
 
 
 @LLMS.register("tiny-llm")
@@ -237,11 +239,40 @@ def build_smollm2(folder: Path) -> None:
     if missing or unexpected:
         raise RuntimeError(f"SmolLM2 GGUF conversion: missing {missing}, unexpected {unexpected}")
     model.tie_weights()
+    # the weights are dequantised: a "gguf" quantization_config would only make transformers warn
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    _apply_gguf_special_tokens(tokenizer, gguf)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     add_image_token(tokenizer)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
+    portable_tokenizer_config(folder)
+
+
+def _gguf_field(reader, name: str):
+    field = reader.fields.get(name)
+    if field is None:
+        return None
+    return field.parts[field.data[0]][0].item()
+
+
+def _apply_gguf_special_tokens(tokenizer: PreTrainedTokenizerBase, gguf: Path) -> None:
+    """eos, pad and the bos rule as the GGUF header states them. transformers 5 applies them itself;
+    4.x's GGUF converter guesses ``<|im_start|>`` for eos and pad and prepends a bos."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(gguf))
+    eos_id = _gguf_field(reader, "tokenizer.ggml.eos_token_id")
+    pad_id = _gguf_field(reader, "tokenizer.ggml.padding_token_id")
+    add_bos = _gguf_field(reader, "tokenizer.ggml.add_bos_token")
+    if eos_id is not None:
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(int(eos_id))
+    if pad_id is not None:
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(int(pad_id))
+    if add_bos is not None and hasattr(type(tokenizer), "add_bos_token"):
+        tokenizer.add_bos_token = bool(add_bos)
 
 
 @LLMS.register("smollm2-135m")
@@ -271,15 +302,9 @@ def resolve_dtype(name: str) -> torch.dtype:
 def add_image_token(tokenizer: PreTrainedTokenizerBase) -> int:
     """Register ``IMAGE_TOKEN`` as one special token (if missing); return its id. The model is not resized."""
     if IMAGE_TOKEN not in tokenizer.get_vocab():
-        # transformers 5 renamed "additional_special_tokens" to "extra_special_tokens"; keep the old ones
-        if hasattr(tokenizer, "extra_special_tokens"):
-            tokenizer.add_special_tokens(
-                {"extra_special_tokens": [IMAGE_TOKEN]}, replace_extra_special_tokens=False
-            )
-        else:
-            tokenizer.add_special_tokens(
-                {"additional_special_tokens": [IMAGE_TOKEN]}, replace_additional_special_tokens=False
-            )
+        # "additional_special_tokens" is read by transformers 4.x and converted by 5.x (which calls them
+        # "extra"); the keep-the-others flag is passed by position because its keyword name differs too
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]}, False)
     ids = tokenizer.encode(IMAGE_TOKEN, add_special_tokens=False)
     if len(ids) != 1:
         raise RuntimeError(
@@ -289,7 +314,8 @@ def add_image_token(tokenizer: PreTrainedTokenizerBase) -> int:
 
 
 def resolve_llm(name_or_path: str, cache_dir: str | Path | None = None) -> str:
-    """Registry name -> its built (cached) folder; an existing path -> itself; else a hub id, unchanged."""
+    """Registry name -> its built (cached) folder; an existing path -> itself; a hub id -> itself online, its
+    cached snapshot folder offline (``trainer.models.hub``)."""
     if name_or_path in LLMS:
         return str(LLMS[name_or_path](Path(cache_dir) if cache_dir else default_cache_dir()))
     path = Path(name_or_path).expanduser()
@@ -305,7 +331,10 @@ def resolve_llm(name_or_path: str, cache_dir: str | Path | None = None) -> str:
             f"LLM path {name_or_path!r} does not exist; give an existing HF folder, a hub id or one of: "
             f"{', '.join(sorted(LLMS))}"
         )
-    return name_or_path  # a hub id: works only with network (HF_HUB_OFFLINE unset) or a warm HF cache
+    from trainer.models.hub import resolve_hub_id
+
+    # a hub id: the id itself online, its cached snapshot offline (or an error naming the download command)
+    return resolve_hub_id(name_or_path, "--llm", f"give a local folder or one of: {', '.join(sorted(LLMS))}")
 
 
 def load_llm(
@@ -319,8 +348,21 @@ def load_llm(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     where = resolve_llm(name_or_path, cache_dir)
-    model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, attn_implementation=attn_implementation)
-    tokenizer = AutoTokenizer.from_pretrained(where)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            where, dtype=dtype, attn_implementation=attn_implementation
+        )
+        tokenizer = AutoTokenizer.from_pretrained(where)
+    except OSError as err:
+        if Path(where).exists():
+            raise
+        from trainer.models.hub import download_command
+
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"cannot fetch --llm {name_or_path!r} from the Hugging Face hub ({first}); on a machine with "
+            f"network run `{download_command(name_or_path)}`, or give a local folder"
+        ) from err
     if tokenizer.pad_token is None:
         # Padding positions are masked out and never supervised, so any id works; eos is the usual choice.
         tokenizer.pad_token = tokenizer.eos_token

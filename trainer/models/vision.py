@@ -1,15 +1,25 @@
 """The vision tower as the trainer sees it: an HF CLIP/SigLIP checkpoint, checked against the shards' manifest.
 
-The pipeline labelled the shards with a tower whose identity (name, backend, path, fingerprint) the manifest
-records. The trainer needs that tower again only to hand it on: ``trainer export`` places it in the HF LLaVA
-folder. ``load_tower`` loads it with transformers alone (no ``pipeline`` import, no Dask, no open_clip),
-recomputes the fingerprint exactly as the pipeline does (``visalign.hashing.hf_fingerprint``) and refuses a
-different tower. ``llava_vision_state`` maps its vision weights onto ``LlavaForConditionalGeneration``'s keys.
+The pipeline labelled the shards with a tower whose identity (name, backend, path or hub id, fingerprint) and
+preprocessing the manifest records. The trainer needs that tower again only to hand it on: ``trainer export``
+places it in the HF LLaVA folder. So an export can run anywhere the tower's weights can be found:
+
+* ``locate_tower(encoder, path)``: where the weights are: ``path`` (``--encoder-path``) if given, else the
+  folder the manifest records if it exists on this machine, else the hub id it records (through the HF cache
+  when offline). A recorded local folder that is gone is refused with a message naming ``--encoder-path``.
+* ``load_tower``: loads it with transformers alone (no ``pipeline`` import, no Dask, no open_clip),
+  recomputes the fingerprint exactly as the pipeline does (``visalign.hashing.hf_fingerprint``, the same in
+  transformers 4.57 and 5.x) and refuses a different tower.
+* ``llava_vision_state``: its vision weights under the key names a ``LlavaForConditionalGeneration`` of the
+  running transformers version holds in memory (tests; the export writes the portable on-disk names).
+* ``image_processor_config``: the ``preprocessor_config.json`` of an HF ``LlavaImageProcessor`` that repeats
+  the manifest's preprocessing (resize, crop or pad to square, mean/std), with the gaps it cannot close.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,36 +34,69 @@ LLAVA_VISION_PREFIX = "model.vision_tower."
 # vision config model_type -> (feature select strategy, tokens before the patches that the strategy drops)
 VISION_TOWERS = {"clip_vision_model": ("default", 1), "siglip_vision_model": ("full", 0)}
 MODEL_TYPES = ("clip", "siglip")
+# PIL resampling filters by the names the manifest records
+RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
+# owner/name as the hub spells repositories (a lone name is a legacy hub id too, but also a relative path)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class TowerError(VisalignError):
     """The tower the shards were labelled with cannot be found or is not the same one."""
 
 
-def _model_type(path: str) -> str | None:
-    config_file = Path(path) / "config.json"
-    if config_file.is_file():
-        return json.loads(config_file.read_text()).get("model_type")
-    return None
+def _is_local_path(where: str) -> bool:
+    return where.startswith(("/", ".", "~", "\\")) or bool(re.match(r"^[A-Za-z]:[\\/]", where))
 
 
-def load_tower(encoder: Any, path: str | None = None):
-    """The full HF CLIP/SigLIP model (fp32, eval) of the manifest's ``encoder``; ``path`` overrides where.
-
-    Refuses towers labelled through another backend (their weights are not an HF checkpoint), folders that
-    are not CLIP/SigLIP, and any tower whose fingerprint differs from the one the shards record.
-    """
+def locate_tower(encoder: Any, path: str | None = None) -> str:
+    """The folder (or, online, the hub id) holding the manifest's tower; refuses what cannot be loaded here."""
     if encoder.backend != "hf":
         raise TowerError(
             f"the shards were labelled with encoder {encoder.name!r} on the {encoder.backend!r} backend; "
             "HF LLaVA needs an HF vision tower: relabel with --backend hf and retrain to export"
         )
-    where = path or encoder.path
-    if not where:
-        raise TowerError(f"the manifest records no location for encoder {encoder.name!r}: pass its HF folder")
-    model_type = _model_type(where)
-    if model_type is None and not Path(where).exists():
-        model_type = "siglip" if "siglip" in str(encoder.name).lower() else "clip"  # a hub id (warm HF cache)
+    if path is not None:
+        folder = Path(path).expanduser()
+        if not (folder / "config.json").is_file():
+            raise TowerError(
+                f"--encoder-path {path} is not an HF checkpoint folder (no config.json): point it at a copy "
+                f"of the tower that labelled the shards ({encoder.name!r})"
+            )
+        return str(folder)
+    recorded = encoder.path
+    if not recorded:
+        raise TowerError(
+            f"the manifest records no location for encoder {encoder.name!r}: pass --encoder-path DIR "
+            "(its HF folder; the fingerprint is checked)"
+        )
+    recorded = str(recorded)
+    if Path(recorded).expanduser().exists():
+        return str(Path(recorded).expanduser())
+    if _is_local_path(recorded) or not _HUB_ID.match(recorded):
+        raise TowerError(
+            f"the shards were labelled with encoder {encoder.name!r} from {recorded}, which is not on this "
+            "machine: pass --encoder-path DIR, a copy of that tower (its fingerprint is checked)"
+        )
+    from trainer.models.hub import resolve_hub_id
+
+    return resolve_hub_id(recorded, f"encoder {encoder.name!r}: hub id", "pass --encoder-path DIR")
+
+
+def load_tower(encoder: Any, path: str | None = None):
+    """``(model, model_type, where)``: the full HF CLIP/SigLIP model (fp32, eval) of the manifest's
+    ``encoder``; ``path`` overrides where it is read from.
+
+    Refuses towers labelled through another backend (their weights are not an HF checkpoint), folders that
+    are not CLIP/SigLIP, and any tower whose fingerprint differs from the one the shards record.
+    """
+    where = locate_tower(encoder, path)
+    try:
+        from transformers import AutoConfig
+
+        model_type = AutoConfig.from_pretrained(where, trust_remote_code=False).model_type
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TowerError(f"cannot read the config of encoder {encoder.name!r} at {where}: {first}") from err
     if model_type not in MODEL_TYPES:
         raise TowerError(f"{where} is not an HF CLIP or SigLIP checkpoint folder (model_type {model_type!r})")
     if model_type == "clip":
@@ -61,19 +104,26 @@ def load_tower(encoder: Any, path: str | None = None):
     else:
         from transformers import SiglipModel as model_cls
     try:
-        model = model_cls.from_pretrained(str(where), dtype=torch.float32).eval().requires_grad_(False)
+        model = model_cls.from_pretrained(where, dtype=torch.float32).eval().requires_grad_(False)
     except OSError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise TowerError(
             f"cannot load the vision tower of encoder {encoder.name!r} from {where}: {first}"
         ) from err
     fingerprint = hf_fingerprint(model)
-    if fingerprint != encoder.fingerprint:
+    # manifests written before the identity became version-independent record the older form
+    if encoder.fingerprint not in (fingerprint, hf_fingerprint(model, portable=False)):
         raise TowerError(
             f"the tower at {where} has fingerprint {fingerprint[:12]}, but the shards were made with "
-            f"{encoder.fingerprint[:12]}: point at the weights that labelled the shards"
+            f"{encoder.fingerprint[:12]}: point --encoder-path at the weights that labelled the shards"
         )
-    return model, model_type, str(where)
+    return model, model_type, where
+
+
+def vision_weights(model: Any) -> dict[str, torch.Tensor]:
+    """The vision transformer's weights, keyed relative to it (``embeddings.*``, ``encoder.*``, ...), as both
+    transformers versions name them inside ``CLIPModel.vision_model`` / ``SiglipModel.vision_model``."""
+    return {k: v.detach() for k, v in model.vision_model.state_dict().items()}
 
 
 def llava_vision_state(model: Any) -> tuple[Any, dict[str, torch.Tensor]]:
@@ -82,8 +132,8 @@ def llava_vision_state(model: Any) -> tuple[Any, dict[str, torch.Tensor]]:
     from transformers import AutoModel
 
     vision_config = model.config.vision_config
-    ours = model.vision_model.state_dict()
-    # transformers 5 flattened CLIPVisionModel (no ``vision_model.`` level in memory), 4.x had it: ask the
+    ours = vision_weights(model)
+    # transformers 5 flattened CLIPVisionModel (no ``vision_model.`` level in memory), 4.x has it: ask the
     # class LLaVA builds (on the meta device, no memory) which layout it uses.
     with torch.device("meta"):
         tower_keys = set(AutoModel.from_config(vision_config).state_dict())
@@ -96,30 +146,83 @@ def llava_vision_state(model: Any) -> tuple[Any, dict[str, torch.Tensor]]:
             f"cannot map the vision tower onto the layout of {type(vision_config).__name__}'s model in this "
             "transformers version"
         )
-    return vision_config, {f"{LLAVA_VISION_PREFIX}{inner}{k}": v.detach().clone() for k, v in ours.items()}
+    return vision_config, {f"{LLAVA_VISION_PREFIX}{inner}{k}": v.clone() for k, v in ours.items()}
 
 
-def image_processor(path: str, model_type: str, image_size: int):
-    """The tower folder's own image processor, else the family's at ``image_size``."""
-    from transformers import AutoImageProcessor
-
-    try:
-        return AutoImageProcessor.from_pretrained(path)
-    except (OSError, ValueError):
-        pass
-    if model_type == "clip":
-        from transformers import CLIPImageProcessor
-
-        return CLIPImageProcessor(
-            size={"shortest_edge": image_size},
-            crop_size={"height": image_size, "width": image_size},
-            image_mean=list(CLIP_MEAN),
-            image_std=list(CLIP_STD),
-        )
-    from transformers import SiglipImageProcessor
-
-    return SiglipImageProcessor(
-        size={"height": image_size, "width": image_size},
-        image_mean=list(SIGLIP_MEAN),
-        image_std=list(SIGLIP_STD),
+def tower_preprocess(where: str, model_type: str, image_size: int) -> dict[str, Any]:
+    """The preprocessing of a schema-1 manifest (which did not record it), as the pipeline derived it: the
+    tower folder's ``preprocessor_config.json`` (mean, std, resize mode), else the family's defaults."""
+    settings: dict[str, Any] = {}
+    proc_file = Path(where) / "preprocessor_config.json"
+    if proc_file.is_file():
+        settings = json.loads(proc_file.read_text())
+    mean, std, mode = (
+        (CLIP_MEAN, CLIP_STD, "shortest") if model_type == "clip" else (SIGLIP_MEAN, SIGLIP_STD, "squash")
     )
+    if isinstance(settings.get("size"), dict):
+        mode = "shortest" if "shortest_edge" in settings["size"] else "squash"
+    return {
+        "image_size": int(image_size),
+        "mean": [float(x) for x in settings.get("image_mean", mean)],
+        "std": [float(x) for x in settings.get("image_std", std)],
+        "resize_mode": mode,
+        "crop_rounding": "floor",
+        "resample": "bicubic",
+        "aspect": "crop",
+    }
+
+
+def image_processor_config(preprocess: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``(preprocessor_config.json content, gaps)`` for an HF ``LlavaImageProcessor`` that repeats
+    ``preprocess`` (the manifest's ``encoder.preprocess``).
+
+    ``aspect: pad`` pads to a square first (LLaVA's ``expand2square``: centred, floor offsets), then resizes;
+    ``resize`` / ``resize_mode: squash`` resizes straight to S x S; ``crop`` resizes the short side to S and
+    centre-crops (floor offsets). ``gaps`` names what the HF processor cannot repeat exactly: a pad colour
+    other than ``int(255 x mean)`` (the only one LlavaImageProcessor uses) and torchvision-style crop rounding.
+    """
+    size = int(preprocess["image_size"])
+    mean = [float(x) for x in preprocess["mean"]]
+    std = [float(x) for x in preprocess["std"]]
+    aspect = preprocess.get("aspect") or "crop"
+    if aspect not in ("crop", "pad", "resize"):
+        raise TowerError(
+            f"the manifest's preprocessing has aspect {aspect!r}; this version knows crop, pad, resize"
+        )
+    resample = str(preprocess.get("resample", "bicubic")).lower()
+    if resample not in RESAMPLE:
+        raise TowerError(
+            f"the manifest's preprocessing resamples with {resample!r}; known: {sorted(RESAMPLE)}"
+        )
+    squash = aspect == "resize" or (aspect == "crop" and preprocess.get("resize_mode") == "squash")
+    gaps = []
+    if aspect == "pad":
+        hf_colour = [int(m * 255) for m in mean]
+        wanted = [int(c) for c in (preprocess.get("pad_color") or hf_colour)]
+        if wanted != hf_colour:
+            gaps.append(
+                f"the shards padded non-square images with colour {wanted}; HF's LlavaImageProcessor pads with "
+                f"int(255 x image_mean) = {hf_colour}, so padded borders differ"
+            )
+    if aspect == "crop" and not squash and preprocess.get("crop_rounding", "floor") != "floor":
+        gaps.append(
+            "the shards centre-cropped with rounded offsets (torchvision); HF's PIL processors floor them, "
+            "a one-pixel shift for images whose excess is odd"
+        )
+    config = {
+        "image_processor_type": "LlavaImageProcessor",
+        "processor_class": "LlavaProcessor",
+        "do_convert_rgb": True,
+        "do_pad": aspect == "pad",
+        "do_resize": True,
+        "size": {"height": size, "width": size} if squash else {"shortest_edge": size},
+        "resample": RESAMPLE[resample],
+        "do_center_crop": not squash,
+        "crop_size": {"height": size, "width": size},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": mean,
+        "image_std": std,
+    }
+    return config, gaps

@@ -1,13 +1,20 @@
 """``VisualLM``: projector + causal LM, visual tokens fed as ``inputs_embeds``; computes what objectives need.
 
 Input: a collated batch (``input_ids_BT``, ``labels_BT``, ``attention_mask_BT``, ``visual_start_B``,
-``feats_BPD``) and the union ``Needs`` of the active objectives. Output: ``VLMOutput`` with the projector
+``feats_BPD``, and ``has_image_B``: all True when absent) and the union ``Needs`` of the active objectives. Output: ``VLMOutput`` with the projector
 output V, the summed next-token NLL, and only on demand the hidden states at the visual positions, the
 text->visual attention weights and the full logits. ``apply_stage`` sets what trains (LLaVA stages).
 
 The visual tokens of sample b occupy positions ``visual_start_B[b] .. visual_start_B[b] + P - 1``; the token
 ids there (the pad id) are looked up and then overwritten by ``g(F)`` with one ``scatter``, so gradients reach
 the projector whether or not the LLM trains.
+
+Text-only samples (``has_image_B[b]`` False, ``visual_start_B[b] == -1``) have no visual slots. The projector
+still runs on every row (their features are zeros), and their projected tokens are scattered into one extra
+column that is cut off again: every rank runs the same modules, and the projector is in the graph (with a zero
+gradient from those rows) even when a micro-batch has no image at all, as DDP and FSDP require. Their rows of
+``hidden_BLPd`` (l >= 1) are zeros and their text->visual attention row is zero; objectives that need visual
+tokens select the image rows (``trainer.objectives.base.image_mask``).
 
 The LM loss never materialises B x T x N logits: the LLM's base model gives the final hidden states, only the
 M positions whose next token is supervised go through the output head, in chunks of at most
@@ -37,6 +44,8 @@ from visalign.config import ConfigError
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+NO_VISUAL = -1
+"""``visual_start_B`` of a text-only sample"""
 BATCH_KEYS = ("input_ids_BT", "labels_BT", "attention_mask_BT", "visual_start_B", "feats_BPD")
 
 
@@ -56,6 +65,8 @@ class VLMOutput:
     """the LLM's input embedding matrix (llm.get_input_embeddings().weight)"""
     logits_BTN: Tensor | None = None
     """full logits, only with return_logits=True"""
+    image_B: Tensor | None = None
+    """bool [B]: rows with an image (the batch's ``has_image_B``, all True when it has none)"""
 
 
 def _text_config(llm: PreTrainedModel):
@@ -94,6 +105,14 @@ class VisualLM(nn.Module):
                 llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     # -----------------------------------------------------------------------------------------------------
+    @staticmethod
+    def image_rows(batch: dict) -> Tensor:
+        """bool [B]: ``batch["has_image_B"]``, or all True for a batch without it (image samples only)."""
+        image_B = batch.get("has_image_B")
+        if image_B is None:
+            return torch.ones(batch["input_ids_BT"].shape[0], dtype=torch.bool)
+        return image_B.bool()
+
     def _check_batch(self, batch: dict) -> None:
         missing = [k for k in BATCH_KEYS if k not in batch]
         if missing:
@@ -105,32 +124,52 @@ class VisualLM(nn.Module):
                 f"{tuple(feats_BPD.shape)} [B, P, D], visual_start_B {tuple(start_B.shape)} [B]"
             )
         num_batch, num_tokens = ids_BT.shape
-        if feats_BPD.shape[0] != num_batch or start_B.shape[0] != num_batch:
+        image_B = self.image_rows(batch).to(start_B.device)
+        if feats_BPD.shape[0] != num_batch or start_B.shape[0] != num_batch or image_B.shape[0] != num_batch:
             raise ValueError(
                 f"VisualLM batch sizes disagree: input_ids_BT {num_batch}, feats_BPD {feats_BPD.shape[0]}, "
-                f"visual_start_B {start_B.shape[0]}"
+                f"visual_start_B {start_B.shape[0]}, has_image_B {image_B.shape[0]}"
             )
         num_visual = feats_BPD.shape[1]
-        if bool(((start_B < 0) | (start_B + num_visual > num_tokens)).any()):
+        bad_B = image_B & ((start_B < 0) | (start_B + num_visual > num_tokens))
+        if bool(bad_B.any()):
             raise ValueError(
                 f"visual_start_B {start_B.tolist()} + {num_visual} visual tokens do not fit in sequences of "
-                f"length {num_tokens}; the collator must reserve P pad slots per sample"
+                f"length {num_tokens}; the collator must reserve P pad slots per image sample"
+            )
+        if bool((~image_B & (start_B != NO_VISUAL)).any()):
+            raise ValueError(
+                f"visual_start_B {start_B.tolist()}: a text-only row (has_image_B False) must have "
+                f"visual_start {NO_VISUAL}"
             )
 
-    def _embed(self, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
-        """-> (inputs_embeds_BTd, visual_BPd, positions_BP)."""
+    def _embed(self, batch: dict) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """-> (inputs_embeds_BTd, visual_BPd, positions_BP, image_B); text-only rows' positions are 0..P-1
+        placeholders (clamped to the sequence), never written."""
         self._check_batch(batch)
         ids_BT, feats_BPD = batch["input_ids_BT"], batch["feats_BPD"]
         embeds_BTd = self.llm.get_input_embeddings()(ids_BT)
         projector_dtype = next(self.projector.parameters()).dtype
+        # every row goes through the projector, text-only ones too: the same modules on every rank
         visual_BPd = self.projector(feats_BPD.to(device=embeds_BTd.device, dtype=projector_dtype))
+        num_batch, num_tokens, width = embeds_BTd.shape
         num_visual = feats_BPD.shape[1]
-        start_B = batch["visual_start_B"].to(device=embeds_BTd.device, dtype=torch.long)
-        positions_BP = start_B[:, None] + torch.arange(num_visual, device=start_B.device)
-        index_BPd = positions_BP[:, :, None].expand(-1, -1, embeds_BTd.shape[-1])
-        # out-of-place scatter: gradients flow to visual_BPd (gathered) and to the token embeddings elsewhere
-        embeds_BTd = embeds_BTd.scatter(1, index_BPd, visual_BPd.to(embeds_BTd.dtype))
-        return embeds_BTd, visual_BPd, positions_BP
+        device = embeds_BTd.device
+        image_B = self.image_rows(batch).to(device)
+        start_B = batch["visual_start_B"].to(device=device, dtype=torch.long)
+        positions_BP = start_B.clamp(min=0)[:, None] + torch.arange(num_visual, device=device)
+        if bool(image_B.all()):
+            index_BPd = positions_BP[:, :, None].expand(-1, -1, width)
+            # out-of-place scatter: gradients flow to visual_BPd (gathered) and to the token embeddings elsewhere
+            embeds_BTd = embeds_BTd.scatter(1, index_BPd, visual_BPd.to(embeds_BTd.dtype))
+            return embeds_BTd, visual_BPd, positions_BP, image_B
+        # text-only rows send their projected tokens to one extra column, cut off after the scatter
+        target_BP = torch.where(image_B[:, None], positions_BP, num_tokens)
+        padded_BTd = torch.cat([embeds_BTd, embeds_BTd.new_zeros(num_batch, 1, width)], dim=1)
+        index_BPd = target_BP[:, :, None].expand(-1, -1, width)
+        embeds_BTd = padded_BTd.scatter(1, index_BPd, visual_BPd.to(embeds_BTd.dtype))[:, :num_tokens]
+        positions_BP = torch.where(image_B[:, None], positions_BP, 0)
+        return embeds_BTd, visual_BPd, positions_BP, image_B
 
     def embed(self, batch: dict) -> Tensor:
         """inputs_embeds [B, T, d]: token embeddings, the visual slots replaced by projector(feats_BPD)."""
@@ -148,8 +187,10 @@ class VisualLM(nn.Module):
         targets_M = targets_BT1[supervised_BT1]
         num_targets = int(targets_M.numel())
         if num_targets == 0:
-            # zero that stays attached to the graph, so backward (and DDP's gradient sync) still runs
-            return last_BTd.float().sum() * 0.0, 0
+            # a zero that stays attached to the graph through the output head too (an untied head is used
+            # nowhere else), so backward and DDP's / FSDP's gradient sync run the same on every rank
+            head = self.llm.get_output_embeddings()
+            return head(last_BTd[:1, :1]).float().sum() * 0.0, 0
         vocab = int(self.llm.get_output_embeddings().weight.shape[0])
         rows = max(1, self.nll_chunk_elements // vocab)
         total = torch.zeros((), dtype=torch.float32, device=last_BTd.device)
@@ -163,7 +204,7 @@ class VisualLM(nn.Module):
 
     # -----------------------------------------------------------------------------------------------------
     def forward(self, batch: dict, needs: Needs = Needs(), return_logits: bool = False) -> VLMOutput:
-        embeds_BTd, visual_BPd, positions_BP = self._embed(batch)
+        embeds_BTd, visual_BPd, positions_BP, image_B = self._embed(batch)
         attention_mask_BT = batch["attention_mask_BT"].to(embeds_BTd.device)
         bad = [l for l in needs.hidden_layers if not 0 <= l <= self.num_layers]
         bad += [l for l in needs.attention_layers if not 1 <= l <= self.num_layers]
@@ -180,11 +221,12 @@ class VisualLM(nn.Module):
 
             visual_BT = torch.zeros_like(attention_mask_BT, dtype=torch.bool)
             visual_BT.scatter_(1, positions_BP, True)
-            text_query_mask_BT = attention_mask_BT.bool() & ~visual_BT
+            # a text-only row has no visual key to attend to: no query of it is scored
+            text_query_mask_BT = attention_mask_BT.bool() & ~visual_BT & image_B[:, None]
             capture_ctx = capture_text_to_visual(
                 self.llm,
                 needs.attention_layers,
-                positions_BP[:, 0],
+                torch.where(image_B, positions_BP[:, 0], NO_VISUAL),
                 positions_BP.shape[1],
                 text_query_mask_BT,
             )
@@ -205,7 +247,11 @@ class VisualLM(nn.Module):
                 continue
             states_BTd = base_out.hidden_states[layer]
             index_BPd = positions_BP[:, :, None].expand(-1, -1, states_BTd.shape[-1])
-            hidden_BLPd[layer] = states_BTd.gather(1, index_BPd)
+            hidden_BPd = states_BTd.gather(1, index_BPd)
+            if not bool(image_B.all()):
+                # zeros for text-only rows, still attached: an objective's zero term reaches the LLM
+                hidden_BPd = hidden_BPd * image_B[:, None, None].to(hidden_BPd.dtype)
+            hidden_BLPd[layer] = hidden_BPd
 
         lm_loss_sum, num_targets = self._lm_loss_sum(last_BTd, batch["labels_BT"])
         logits_BTN = self.llm.get_output_embeddings()(last_BTd) if return_logits else None
@@ -217,6 +263,7 @@ class VisualLM(nn.Module):
             text_to_visual_BP=capture.result_BP if capture is not None else None,
             embed_Nd=self.llm.get_input_embeddings().weight,
             logits_BTN=logits_BTN,
+            image_B=image_B,
         )
 
 

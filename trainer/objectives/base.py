@@ -24,6 +24,10 @@ N vocabulary):
     batch["experts"]          {name: [B, P_e, D_e]} cached expert features
     batch["input_ids_BT"], batch["labels_BT"] (-100 = unsupervised), batch["attention_mask_BT"]
     batch["visual_start_B"]   index of the first visual token; visual tokens occupy start .. start + P - 1
+    batch["has_image_B"]      False for a text-only sample (no visual tokens, visual_start -1, zero features,
+                              labels -1); objectives that need visual tokens use only the image rows
+                              (``image_mask``) and, for a micro-batch without any, return a zero attached
+                              to every parameter they own or use (DDP/FSDP sync every trainable parameter)
     batch["num_target_tokens"] supervised tokens in this micro-batch
 
     out.visual_BPd            projector output V = g(F) (with grad)
@@ -102,6 +106,14 @@ class StepContext:
         key = f"{purpose}/{self.seed}/{self.step}/{self.rank}/{self.micro_step}".encode()
         digest = hashlib.sha256(key).digest()
         return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def image_mask(batch: dict[str, Any], num_rows: int, device: torch.device | str) -> torch.Tensor:
+    """bool [B]: the rows with an image (``batch["has_image_B"]``; all of them for a batch without it)."""
+    image_B = batch.get("has_image_B")
+    if image_B is None:
+        return torch.ones(num_rows, dtype=torch.bool, device=device)
+    return image_B.to(device=device, dtype=torch.bool)
 
 
 class Objective(nn.Module):

@@ -16,6 +16,10 @@ no gradient passes through the interpolation (``resize="target"``, our choice; t
 ``resize="prediction"`` instead resizes r_e(H_n) to the expert's grid, keeping the expert's features exact.
 
 The reverse projectors are trained with the model and saved in checkpoints, never exported.
+
+Text-only samples (``has_image_B`` False) are left out of the means above. The reverse projectors still run
+on every row, so a micro-batch without an image gives a zero attached to every reverse projector and, through
+H_n, to the LLM and the projector (every rank syncs every gradient); its report items are 0.
 Letters: B batch, P visual tokens (LLM grid), P_e expert patches, D/D_e feature widths, d LLM width.
 """
 
@@ -29,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.objectives.base import Needs, Objective, ObjectiveContext, StepContext
+from trainer.objectives.base import Needs, Objective, ObjectiveContext, StepContext, image_mask
 from visalign.config import ConfigError
 
 ENCODER_TARGET = "encoder"
@@ -167,7 +171,17 @@ class DistillObjective(Objective):
     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         total = None
         report: dict[str, float] = {}
-        for name, (pred_BPD, target_BPD) in self.pairs(batch, out).items():
+        pairs = self.pairs(batch, out)
+        image_B = image_mask(batch, out.hidden_BLPd[self.layer].shape[0], out.hidden_BLPd[self.layer].device)
+        if not bool(image_B.any()):
+            for name, (pred_BPD, _) in pairs.items():
+                report[f"distill/cos_{name}"] = 0.0
+                zero = pred_BPD.sum() * 0.0
+                total = zero if total is None else total + zero
+            return {"distill_loss": total}, report
+        for name, (pred_BPD, target_BPD) in pairs.items():
+            if not bool(image_B.all()):
+                pred_BPD, target_BPD = pred_BPD[image_B], target_BPD[image_B]
             loss = cosine_loss(pred_BPD, target_BPD)
             report[f"distill/cos_{name}"] = 1.0 - float(loss.detach())
             total = loss if total is None else total + loss
@@ -175,9 +189,13 @@ class DistillObjective(Objective):
 
     def eval_measures(self, batch: dict[str, Any], out: Any) -> dict[str, tuple[float, float]]:
         """The mean cosine between reverse-projected visual tokens and each target's features, weighted by
-        the number of (sample, patch) pairs it was measured on."""
+        the number of (sample, patch) pairs it was measured on (image samples only)."""
         measures = {}
+        image_B = image_mask(batch, out.hidden_BLPd[self.layer].shape[0], out.hidden_BLPd[self.layer].device)
+        if not bool(image_B.any()):
+            return measures
         for name, (pred_BPD, target_BPD) in self.pairs(batch, out).items():
+            pred_BPD, target_BPD = pred_BPD[image_B], target_BPD[image_B]
             cos = 1.0 - float(cosine_loss(pred_BPD, target_BPD))
             measures[f"reverse_cos/{name}"] = (cos, float(pred_BPD.shape[0] * pred_BPD.shape[1]))
         return measures

@@ -23,6 +23,9 @@ Our choices where the paper is silent (all configurable or documented in docs/ob
   word embeddings toward the patches (in stage 2 E is trained by the LM loss alone).
 * sampling runs on CPU with ``step.generator("sea")``, seeded from (run seed, step, rank, micro-step):
   identical on any device, different for every ``--seed``, and the same draws again after a resume.
+* text-only samples (``has_image_B`` False) are left out before drawing: the draws of a micro-batch are
+  those of its image rows alone. Fewer than two pairs (a micro-batch without an image among them) give a
+  zero that stays attached to V (the projector) and the temperature, so every rank syncs every gradient.
 
 Letters: B batch, P patches, K label slots, d LLM width, N vocabulary, W words, S sub-tokens, M pairs.
 """
@@ -42,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.objectives.base import Needs, Objective, ObjectiveContext, StepContext
+from trainer.objectives.base import Needs, Objective, ObjectiveContext, StepContext, image_mask
 from visalign.shards import ShardFormatError
 
 TOKENISATION_RULE = "leading-space-v1"
@@ -268,9 +271,18 @@ class SeaObjective(Objective):
     def draw(
         self, batch: dict[str, Any], step: StepContext
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Steps 1-3 for this batch (CPU, reproducible): batch index, patch index, word id of each pair."""
+        """Steps 1-3 for this batch (CPU, reproducible): batch index, patch index, word id of each pair.
+
+        Only image rows are drawn from; the batch indices returned are those of the whole batch."""
         labels_BPK = batch["labels_BPK"].detach().cpu().long()
         scores_BPK = batch["scores_BPK"].detach().cpu()
+        image_B = image_mask(batch, labels_BPK.shape[0], "cpu")
+        rows_B = torch.arange(labels_BPK.shape[0])
+        if not bool(image_B.all()):
+            labels_BPK, scores_BPK, rows_B = labels_BPK[image_B], scores_BPK[image_B], rows_B[image_B]
+        if labels_BPK.shape[0] == 0:
+            empty = torch.zeros(0, dtype=torch.long)
+            return empty, empty, empty
         if self.cfg.top_k:
             labels_BPK, scores_BPK = labels_BPK[..., : self.cfg.top_k], scores_BPK[..., : self.cfg.top_k]
         generator = step.generator("sea")
@@ -283,7 +295,10 @@ class SeaObjective(Objective):
         eligible_BPK = word_ok_W[labels_BPK.clamp(min=0)] & (labels_BPK >= 0)
         num_patches = labels_BPK.shape[1]
         grid = self.grid_hw or _square(num_patches)
-        return sample_pairs(labels_BPK, scores_BPK, grid, self.cfg.window, generator, eligible_BPK)
+        b_M, p_M, word_M = sample_pairs(
+            labels_BPK, scores_BPK, grid, self.cfg.window, generator, eligible_BPK
+        )
+        return rows_B[b_M], p_M, word_M
 
     def forward(
         self, batch: dict[str, Any], out: Any, step: StepContext

@@ -5,19 +5,27 @@
     for path in m.shard_paths(out):
         for sample in S.iter_tar(path):        # {"__key__", "feat", "labels", "scores", "meta", ...}
             ...
+    S.check_shard(path, m.shards[i], S.sample_layout(m), full=True)  # [] = as the manifest records it
 
-Writing goes through ``S.ShardWriter`` (one shard), ``S.write_wordlist``, ``S.write_rejects`` and, last,
-``S.write_manifest``.
+Writing goes through ``S.ShardWriter`` (one shard: ``write`` an image sample, ``write_text_only`` a sample
+without an image; ``S.shard_info`` turns its sidecar into the manifest's entry), ``S.write_wordlist``,
+``S.write_rejects`` and, last, ``S.write_manifest``.
 """
 
 from visalign.hashing import sha256_file
 from visalign.shards.reader import (
+    SampleError,
+    check_shard,
+    damaged,
+    decode_checked,
     decode_npy,
     decode_sample,
+    has_image,
     iter_raw,
     iter_tar,
     read_manifest,
     read_wordlist,
+    sample_layout,
 )
 from visalign.shards.schema import (
     CONFIG,
@@ -47,7 +55,9 @@ from visalign.shards.writer import (
     encode_json,
     encode_npy,
     encode_sample,
+    encode_text_only,
     sample_key,
+    shard_info,
     shard_is_complete,
     wordlist_sha256,
     wordlist_text,
@@ -74,21 +84,29 @@ __all__ = [
     "ExpertInfo",
     "Manifest",
     "SampleEncodeError",
+    "SampleError",
     "ShardFormatError",
     "ShardInfo",
     "ShardWriter",
     "WordlistInfo",
+    "check_shard",
+    "damaged",
+    "decode_checked",
     "decode_npy",
     "decode_sample",
     "encode_json",
     "encode_npy",
     "encode_sample",
+    "encode_text_only",
+    "has_image",
     "iter_raw",
     "iter_tar",
     "read_manifest",
     "read_wordlist",
     "sample_key",
+    "sample_layout",
     "sha256_file",
+    "shard_info",
     "shard_is_complete",
     "shard_name",
     "sidecar_name",

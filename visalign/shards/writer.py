@@ -8,8 +8,10 @@ shards. The rules it keeps (docs/shards.md):
   checksum matches, and a file with a final name is never half-written;
 * tar headers are fixed (mtime 0, uid/gid 0, mode 644), so the same content always has the same bytes;
 * a sample is encoded completely (arrays and JSON) before its first member is written, so a sample that
-  cannot be serialised (``SampleEncodeError``, e.g. a lone surrogate in a caption) leaves the tar untouched
-  and the caller records it as a reject;
+  cannot be serialised (``SampleEncodeError``, e.g. a lone surrogate in a caption, an id or a source) leaves
+  the tar untouched and the caller records it as a reject;
+* a text-only sample (``write_text_only``) is its ``json`` member alone, with ``"has_image": false``; the
+  sidecar counts them (``num_text_only``) and records the tar's size (``num_bytes``);
 * JSON files and the manifest are written to a ``.tmp`` and renamed; the manifest is written last.
 
 Letters: P patches, D feature width, K top-k slots.
@@ -38,9 +40,12 @@ from visalign.shards.schema import (
     REJECTS,
     SCORES,
     Manifest,
+    ShardInfo,
     shard_name,
     sidecar_name,
 )
+
+COPY_BUFSIZE = 8 << 20
 
 
 class SampleEncodeError(Exception):
@@ -157,11 +162,38 @@ def encode_sample(
     return members
 
 
+def encode_text_only(key: str, meta: dict[str, Any]) -> list[tuple[str, bytes]]:
+    """The one member of a text-only sample: its json, with ``"has_image": false`` and no ``source``."""
+    if "source" in meta:
+        raise ValueError("a text-only sample has no 'source' (there is no image to point at)")
+    return [(f"{key}.{META}", encode_json({**meta, "has_image": False}))]
+
+
+class _HashingFile:
+    """A write-only file that hashes (sha256) and counts what goes through it, so ``close`` never reads the
+    shard back. ``tarfile`` needs only ``write`` and ``tell``."""
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> int:
+        self.sha.update(data)  # releases the GIL on large buffers, as does the write itself
+        self.size += len(data)
+        return self.raw.write(data)
+
+    def tell(self) -> int:
+        return self.size
+
+
 class ShardWriter:
     """Streams samples into ``OUT/shard-NNNNNN.tar.tmp``; ``close(stats)`` publishes the tar, then the sidecar.
 
     Use as a context manager: leaving the block with an exception deletes the ``.tmp`` (nothing half-written
     keeps a final name); ``close`` must be called explicitly on success, with the stats for the sidecar.
+    The tar's sha256 and size are computed while it is written. One thread at a time may use a writer (the
+    labelling stage hands it to its writing thread).
     """
 
     def __init__(self, root: str | Path, index: int):
@@ -170,8 +202,13 @@ class ShardWriter:
         self.final = self.root / shard_name(self.index)
         self.tmp = self.final.with_name(self.final.name + ".tmp")
         self.num_samples = 0
+        self.num_text_only = 0
         self._raw = open(self.tmp, "wb")
-        self._tar = tarfile.open(fileobj=self._raw, mode="w", format=tarfile.PAX_FORMAT)
+        self._hashed = _HashingFile(self._raw)
+        # copybufsize: a member's bytes go to the file (and the hash) in one piece, not in 16 KiB slices
+        self._tar = tarfile.open(
+            fileobj=self._hashed, mode="w", format=tarfile.PAX_FORMAT, copybufsize=COPY_BUFSIZE
+        )
         self._closed = False
 
     def write(
@@ -189,20 +226,32 @@ class ShardWriter:
             _add_member(self._tar, name, data)
         self.num_samples += 1
 
+    def write_text_only(self, key: str, meta: dict[str, Any]) -> None:
+        """Append one sample without an image (its ``json`` only, ``"has_image": false``); raises
+        ``SampleEncodeError`` (nothing written) when it cannot be serialised."""
+        for name, data in encode_text_only(key, meta):
+            _add_member(self._tar, name, data)
+        self.num_samples += 1
+        self.num_text_only += 1
+
     def close(self, stats: dict[str, Any] | None = None) -> dict[str, Any]:
-        """fsync + rename the tar, then write the sidecar (``stats`` + name, index, num_samples, sha256)."""
+        """fsync + rename the tar, then write the sidecar (``stats`` + name, index, num_samples,
+        num_text_only, num_bytes, sha256)."""
         self._tar.close()
         self._raw.flush()
         os.fsync(self._raw.fileno())
         self._raw.close()
-        sha = sha256_file(self.tmp)
+        sha = self._hashed.sha.hexdigest()
+        num_bytes = self._hashed.size
         os.replace(self.tmp, self.final)  # the final name only ever points at a complete, fsynced tar
         fsync_dir(self.root)
         sidecar = {
             "name": self.final.name,
             "index": self.index,
             "num_samples": self.num_samples,
+            "num_text_only": self.num_text_only,
             **(stats or {}),
+            "num_bytes": num_bytes,
             "sha256": sha,
         }
         write_json_atomic(self.root / sidecar_name(self.index), sidecar)
@@ -225,6 +274,19 @@ class ShardWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None or not self._closed:
             self.abort()
+
+
+def shard_info(root: str | Path, sidecar: dict[str, Any]) -> ShardInfo:
+    """The manifest's entry of a complete shard, from its sidecar (``num_bytes`` from the tar itself, so a
+    sidecar written before sizes were recorded gives it too)."""
+    return ShardInfo(
+        name=sidecar["name"],
+        num_samples=int(sidecar["num_samples"]),
+        sha256=sidecar["sha256"],
+        num_rejects=int(sidecar.get("num_rejects", 0)),
+        num_text_only=int(sidecar.get("num_text_only", 0)),
+        num_bytes=(Path(root) / sidecar["name"]).stat().st_size,
+    )
 
 
 def shard_is_complete(root: str | Path, index: int) -> dict[str, Any] | None:
