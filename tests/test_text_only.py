@@ -16,6 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.launching import VOLATILE
 from trainer.data import Collator, SampleTransform
 from trainer.data.conversations import IGNORE_INDEX, Formatter
 from trainer.objectives.base import StepContext
@@ -253,7 +254,8 @@ def test_trainer_interleaves_text_only_samples_and_resumes_exactly(tiny_shards, 
     def records(run, name):
         out = [json.loads(line) for line in (tmp_path / run / name).read_text().splitlines()]
         for r in out:
-            r.pop("samples_per_s", None), r.pop("tokens_per_s", None)
+            for key in VOLATILE:
+                r.pop(key, None)
         return out
 
     seen = records("whole", "seen-rank0.jsonl")

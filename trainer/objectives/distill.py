@@ -154,7 +154,9 @@ class DistillObjective(Objective):
                 raise KeyError(
                     f"distill: the batch has no features for expert {name!r} (have {sorted(experts)})"
                 )
-            pred_BPD = self.reverse[_module_key(name)](h_BPd)
+            reverse = self.reverse[_module_key(name)]
+            # frozen LLM weights may be stored in bf16 (--model.dtype) while the reverse projector trains in fp32
+            pred_BPD = reverse(h_BPd.to(next(reverse.parameters()).dtype))
             if target_BPD.shape[1] != num_patches or (grid_e and tuple(grid_e) != tuple(grid_hw)):
                 grid_e = grid_e or square_grid(target_BPD.shape[1])
                 if self.cfg.resize == "target":
