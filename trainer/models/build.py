@@ -196,7 +196,21 @@ def init_projector(module: TrainModule, source: str | Path, projector_name: str,
     weights = {k[len("projector.") :]: v for k, v in tensors.items() if k.startswith("projector.")}
     module.vlm.projector.load_state_dict(weights, strict=True)
     log.info("projector initialised from %s", ckpt)
+    carry_objective_state(module, ckpt)
     return ckpt
+
+
+def carry_objective_state(module: TrainModule, ckpt: Path) -> dict[str, list[str]]:
+    """The learned objective state an earlier run's checkpoint hands on (the reverse projectors of ``distill``,
+    ``Objective.carry_over``): ``{objective: [what it took]}``. A resume overwrites it again afterwards."""
+    if not len(module.objectives):
+        return {}
+    _, tensors = ckpt_io.read_weights(ckpt)  # either format
+    carried = {}
+    for name, objective in module.objectives.items():
+        own = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}
+        carried[name] = objective.carry_over(own)
+    return carried
 
 
 @dataclasses.dataclass
