@@ -324,11 +324,13 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"--eval.layers must be layer numbers >= 0 (0 = projector output), got {cfg.eval.layers}"
         )
-    distill_layer = cfg.objectives.distill.layer
-    if distill_layer != -1 and distill_layer < 1:
-        raise ConfigError(
-            f"--objectives.distill.layer must be -1 (last) or a layer >= 1, got {distill_layer}"
-        )
+    for distill_layer in cfg.objectives.distill.layer:  # the range against the LLM's depth: distill.py
+        if isinstance(distill_layer, bool) or not isinstance(distill_layer, int):
+            raise ConfigError(f"--objectives.distill.layer must be layer numbers, got {distill_layer!r}")
+        if distill_layer != -1 and distill_layer < 1:
+            raise ConfigError(
+                f"--objectives.distill.layer must be -1 (last) or layers >= 1, got {distill_layer}"
+            )
     lora = cfg.model.lora
     if lora.rank > 0:
         if cfg.stage != "finetune":
