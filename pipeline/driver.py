@@ -7,10 +7,13 @@ so that any interruption can be resumed exactly:
 1. ``check_config``: fail fast on unusable settings before anything is written; then the run holds
    ``visalign.locks.FolderLock`` on OUT for the rest of its life (a second ``pipeline label`` on the same
    folder is refused, naming this one);
-2. ``plan``: list the inputs, load the word list and the encoders, fix the content-changing settings and the
-   partitions (input position ``i`` always goes to shard ``i // samples_per_shard``);
-3. ``prepare_out``: compare the settings with those recorded in ``OUT/settings.json`` by an earlier run and
-   refuse (listing ``field: old -> new``) unless ``--overwrite``; write ``config.yaml``, ``settings.json``,
+2. ``plan``: list the inputs, load the word list and the encoders, decide what was left unset for this tower
+   (the score: the encoder family's default; feature surgery: on with ``--dense surgery``), fix the
+   content-changing settings (resolved values) and the partitions (input position ``i`` always goes to shard
+   ``i // samples_per_shard``);
+3. ``prepare_out``: compare the settings with those recorded in ``OUT/settings.json`` by an earlier run (a
+   schema-2 record read as schema 3 states it) and refuse (listing ``field: old -> new``, with a note when a
+   family default replaced the old default score) unless ``--overwrite``; write ``config.yaml``, ``settings.json``,
    ``wordlist.txt``; compute the word embeddings once (disk cache);
 4. ``pending_tasks``: keep complete shards (tar + sidecar with matching sha256), delete stale ``.tmp`` files;
 5. ``run_tasks``: run the rest ``synchronous`` in-process, on a LocalCluster (``local``) or on an existing

@@ -11,8 +11,10 @@ surrogate in an id, a caption, a source or a sidecar is a reject, never an abort
 decoded, validated and preprocessed (``--image-aspect``, ``visalign.images.Preprocess``) in a thread pool that
 runs ahead of the model (bounded prefetch), so the forward pass does not wait on JPEG decoding; each batch goes
 through ONE encoder forward giving the LLaVA features (hidden layer ``feature_layer``) and the joint-space
-patch embeddings; the latter are searched against the cached word embeddings (``pipeline.search``). Optional
-expert encoders add their own features. Text-only records (a LLaVA record without ``image``) skip the
+patch embeddings; the latter are searched against the cached word embeddings (``pipeline.search``; with
+feature surgery, per image with the image embedding too). Optional experts (registry towers or ``hf:``
+backbones, each with its own preprocessing) add their own features. With ``store_images`` the image file's
+bytes, read once and decoded from those same bytes, are written next to them (``image.<ext>``). Text-only records (a LLaVA record without ``image``) skip the
 forward and are written as text-only samples, in input order among the others. Caption files and ``.json``
 sidecars that are not valid UTF-8 / JSON make their sample a reject (the text is what the LM is trained on;
 nothing is changed or dropped silently). The shard is complete only once the writer has renamed it and

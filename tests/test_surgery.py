@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.encoders import EncoderError, load_encoder
-from pipeline.search import FeatureSurgeryIndex
+from pipeline.search import FeatureSurgeryIndex, rescore_pairs
 
 
 def _perturb(module: torch.nn.Module, seed: int = 1) -> None:
@@ -240,6 +240,24 @@ def test_feature_surgery_topk_equals_the_written_out_formula(score, sign, num_wo
     # not the cosine ranking: the per-image word weights reorder the words
     cos_labels, _ = reference_topk(sign * (F.normalize(x_BPE.double(), dim=-1) @ t_NE.double().T), k)
     assert (cos_labels != want_labels).any()
+
+
+def test_feature_surgery_two_words_by_hand():
+    """Two words t0 = (1, 0), t1 = (0, 1) and g = t0: p = softmax(2, 0), w = 2p, r = p0 t0 + p1 t1, so for a
+    unit patch at angle a: score_0 = p0 cos a - p1 sin a = -score_1 (one word of the two is always absent)."""
+    t_NE = torch.eye(2)
+    p0 = math.exp(2) / (math.exp(2) + 1)
+    for angle in (0.3, 2.0, -1.0):
+        x = torch.tensor([[[math.cos(angle), math.sin(angle)]]])
+        labels, scores = FeatureSurgeryIndex(t_NE.numpy()).search(x, torch.tensor([[1.0, 0.0]]), 2)
+        score0 = p0 * math.cos(angle) - (1 - p0) * math.sin(angle)
+        assert labels.tolist() == [[[0 if score0 >= 0 else 1, -1]]]
+        assert math.isclose(float(scores[0, 0, 0]), abs(score0), abs_tol=1e-3) and np.isneginf(
+            scores[0, 0, 1]
+        )
+    assert rescore_pairs(
+        torch.ones(1, 2, dtype=torch.float64), t_NE, *torch.zeros(2, 0, dtype=torch.long)
+    ).shape == (0,)
 
 
 def test_feature_surgery_candidates_stay_few():
