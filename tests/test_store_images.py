@@ -112,14 +112,6 @@ def test_tar_input_members_are_stored(photo_dataset, tmp_path, cache_dir):
     assert {s["image_ext"] for s in samples} == {"jpg"}
 
 
-def test_without_the_flag_nothing_is_stored(photo_dataset, tmp_path, cache_dir):
-    m, samples = label(photo_dataset, tmp_path / "out", cache_dir, store_images=False,
-                       images=str(photo_dataset.parent / "images"))  # fmt: skip
-    assert not m.stores_images and all("image_bytes" not in s for s in samples)
-    tar_names = tarfile.open(m.shard_paths(tmp_path / "out")[0]).getnames()
-    assert not any(".image." in n for n in tar_names)
-
-
 def test_an_image_without_file_bytes_is_stored_as_png():
     image = Image.fromarray(np.arange(48 * 3, dtype=np.uint8).reshape(4, 12, 3))
     ext, data = image_member(None, image)
@@ -129,10 +121,16 @@ def test_an_image_without_file_bytes_is_stored_as_png():
     assert image_member(jpeg.getvalue(), image) == ("jpg", jpeg.getvalue())
 
 
-def test_store_images_is_a_content_setting(photo_dataset, tmp_path, cache_dir):
+def test_without_the_flag_nothing_is_stored_and_the_flag_is_a_content_setting(
+    photo_dataset, tmp_path, cache_dir
+):
     from pipeline.driver import SettingsMismatchError
 
     images = str(photo_dataset.parent / "images")
-    label(photo_dataset, tmp_path / "out", cache_dir, store_images=False, images=images)
+    m, samples = label(photo_dataset, tmp_path / "out", cache_dir, store_images=False, images=images)
+    assert not m.stores_images and all("image_bytes" not in s for s in samples)
+    assert not any(
+        ".image." in n for p in m.shard_paths(tmp_path / "out") for n in tarfile.open(p).getnames()
+    )
     with pytest.raises(SettingsMismatchError, match="store_images: false -> true"):
         label(photo_dataset, tmp_path / "out", cache_dir, images=images)
