@@ -127,7 +127,7 @@ def rescore_pairs(
     over the last dimension does not depend on where the pair sits, so equal vectors score equal. Pairs go
     through small reused buffers that stay in the CPU's cache."""
     out = torch.empty(len(rows_M), dtype=torch.float64, device=q64_CE.device)
-    step = max(1, min(PAIR_CHUNK, len(rows_M)))
+    step = max(1, min(PAIR_CHUNK, len(rows_M)))  # no pairs: every word of these rows scores < 0
     q_PE = torch.empty(step, q64_CE.shape[1], dtype=torch.float64, device=q64_CE.device)
     w_PE = torch.empty(step, q64_CE.shape[1], dtype=torch.float32, device=q64_CE.device)
     w64_PE = torch.empty(step, q64_CE.shape[1], dtype=torch.float64, device=q64_CE.device)
@@ -373,6 +373,9 @@ class WordIndex:
     def _topk_of_pairs(raw_M, exact_M, rows_M, cols_M, num_c: int, k: int):
         """Per row, the k best pairs by raw score, ties to the lower word id (pairs come (row, col) ascending
         and both sorts are stable), with their unit-query scores."""
+        if len(raw_M) == 0:  # no word of any of these rows can score >= 0: every slot is absent
+            empty = torch.full((num_c, k), -math.inf, dtype=exact_M.dtype, device=exact_M.device)
+            return empty, torch.full((num_c, k), -1, dtype=cols_M.dtype, device=cols_M.device)
         order = torch.argsort(raw_M, descending=True, stable=True)
         order = order[torch.argsort(rows_M[order], stable=True)]
         counts = torch.bincount(rows_M, minlength=num_c)

@@ -60,10 +60,13 @@ def labelled(tmp_path_factory, photo_dataset, cache_dir):
 
 
 def test_label_writes_contract_files(labelled):
-    for name in (S.MANIFEST, S.WORDLIST, S.REJECTS, S.CONFIG, "shard-000000.tar", "shard-000002.tar"):
-        assert (labelled / name).is_file(), name
-    cfg = (labelled / S.CONFIG).read_text()
-    assert "encoder: tiny-clip" in cfg and "top_k: 5" in cfg, "the preset + flags resolved into config.yaml"
+    import pyarrow.parquet as pq
+    import yaml
+
+    cfg = yaml.safe_load((labelled / S.CONFIG).read_text())
+    assert (cfg["top_k"], cfg["samples_per_shard"]) == (5, 3)  # flags beat label-demo.yaml (10, 100)
+    assert (cfg["encoder"], cfg["backend"], cfg["batch_size"]) == ("tiny-clip", "hf", 16)  # from the preset
+    assert pq.read_table(labelled / S.REJECTS).num_rows == 0
 
 
 def test_info(labelled, capsys):

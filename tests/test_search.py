@@ -55,6 +55,17 @@ def test_absent_slots_and_k_larger_than_vocab(backend):
     assert neg_scores[0, 0] == np.float16(0.6) and neg_scores[1, 0] == np.float16(1.0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("num_words", [3, 700])  # fewer blocks than k, and the block route
+def test_queries_where_every_word_scores_below_zero_get_no_label(backend, num_words):
+    rng = np.random.default_rng(0)
+    w_NE = np.abs(rng.standard_normal((num_words, 8))).astype(np.float32)  # all in the positive orthant
+    q_QE = -np.abs(rng.standard_normal((5, 8))).astype(np.float32)  # every cosine < 0
+    labels, scores = WordIndex(w_NE, score="cos", backend=backend).search(q_QE, 4)
+    np.testing.assert_array_equal(labels, -np.ones((5, 4)))
+    assert np.isneginf(scores).all()
+
+
 def test_faiss_equals_torch():
     if not faiss_available():
         pytest.skip("faiss not installed")

@@ -4,7 +4,8 @@ Inputs (see ``base.py``): ``out.visual_BPd`` (V, with grad), ``out.hidden_BLPd[l
 ``out.text_to_visual_BP`` (text->image attention of layers 1..k, from ``trainer.models.attention``) and
 ``out.embed_Nd`` (E). Outputs: ``basic_das_loss`` and ``basic_sds_loss`` (weights lambda_1, lambda_2).
 
-    V_hat = sum_{l=1..k} w_l H_l,  w_l = l^2 / sum_j j^2          target, detached
+    V_hat = sum_{l=1..k} w_l H_l,  w_l = l^2 / sum_j j^2          target, detached (``layer_weighting``:
+                                                                  also 1/k or (k-l+1)^2 / sum_j j^2)
     a_i   = text->patch attention averaged over heads, text tokens and layers 1..k, sum_i a_i = 1   detached
     L_das = mean_b sum_i a_i || v_i/|v_i| - v_hat_i/|v_hat_i| ||^2
     L_sds = mean_b sum_i a_i KL( softmax(v_hat_i E^T) || softmax(v_i E^T) )
@@ -36,12 +37,26 @@ import torch.nn.functional as F
 from trainer.objectives.base import Needs, Objective, ObjectiveContext, StepContext, image_mask
 from visalign.config import ConfigError
 
+LAYER_WEIGHTINGS = ("increasing", "constant", "decreasing")
+"""the paper's three layer weightings (its Table 4)"""
 
-def layer_weights(k: int) -> torch.Tensor:
-    """w_l = l^2 / sum_{j=1..k} j^2 for l = 1..k (deeper shallow layers are better refined, so weigh more)."""
+
+def layer_weights(k: int, weighting: str = "increasing") -> torch.Tensor:
+    """w_l for l = 1..k, summing to 1 (the paper's Table 4, its l/2 written k):
+
+    * ``increasing`` (paper default): w_l = l^2 / sum_{j=1..k} j^2 (deeper shallow layers are better refined);
+    * ``constant``: w_l = 1 / k;
+    * ``decreasing``: w_l = (k - l + 1)^2 / sum_{j=1..k} j^2 (the increasing weights in reverse order).
+    """
     if k < 1:
         raise ValueError(f"BASIC needs at least one layer, got k={k}")
+    if weighting not in LAYER_WEIGHTINGS:
+        raise ValueError(f"unknown layer weighting {weighting!r}; valid: {', '.join(LAYER_WEIGHTINGS)}")
+    if weighting == "constant":
+        return torch.full((k,), 1.0 / k, dtype=torch.float64).float()
     squares_k = torch.arange(1, k + 1, dtype=torch.float64) ** 2
+    if weighting == "decreasing":
+        squares_k = squares_k.flip(0)
     return (squares_k / squares_k.sum()).float()
 
 
@@ -230,8 +245,11 @@ def sds_loss(
 @dataclasses.dataclass
 class BasicConfig:
     num_layers: int = 0
-    """k, the shallow LLM layers whose hidden states form the target; 0 = num_hidden_layers // 2 (at least 1),
-    the paper's choice (16 of 32 layers for 7B, 20 of 40 for 13B)"""
+    """k, the shallow LLM layers 1..k whose hidden states form the target; 0 = num_hidden_layers // 2 (at least
+    1), the paper's choice (16 of 32 layers for 7B, 20 of 40 for 13B; its Figure 6 tries k = 4, 8, ..., 32)"""
+    layer_weighting: Literal["increasing", "constant", "decreasing"] = "increasing"
+    """w_l over layers 1..k: 'increasing' = l^2 / sum j^2 (paper), 'constant' = 1/k, 'decreasing' =
+    (k - l + 1)^2 / sum j^2 (the paper's Table 4 ablation)"""
     das_weight: float = 1.0
     """lambda_1, weight of the direction loss L_das (paper: 1)"""
     sds_weight: float = 0.01
@@ -255,13 +273,20 @@ class BasicObjective(Objective):
         self.cfg = cfg
         k = cfg.num_layers or max(num_llm_layers // 2, 1)
         if not 1 <= k <= num_llm_layers:
-            raise ConfigError(f"basic.num_layers={k} but the LLM has {num_llm_layers} layers")
+            raise ConfigError(
+                f"basic.num_layers={k} but the LLM has {num_llm_layers} layers: use 1..{num_llm_layers} "
+                "(0 = half of them)"
+            )
+        if cfg.layer_weighting not in LAYER_WEIGHTINGS:
+            raise ConfigError(
+                f"basic.layer_weighting={cfg.layer_weighting!r}: expected one of {', '.join(LAYER_WEIGHTINGS)}"
+            )
         if cfg.sds_mode == "rows" and cfg.sds_rows < 1:
             raise ConfigError(
                 f"basic.sds_rows={cfg.sds_rows} with basic.sds_mode=rows: draw at least 1 patch"
             )
         self.num_layers = k
-        self.register_buffer("layer_weights_k", layer_weights(k), persistent=False)
+        self.register_buffer("layer_weights_k", layer_weights(k, cfg.layer_weighting), persistent=False)
         layers = tuple(range(1, k + 1))
         self.needs = Needs(hidden_layers=layers, attention_layers=layers if cfg.attention_weighting else ())
 
