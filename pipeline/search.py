@@ -513,9 +513,6 @@ class FeatureSurgeryIndex:
         order = torch.argsort(rows_M * self.num_words + cols_M)  # (row, col) ascending: ties to lower ids
         rows_M, cols_M, exact_M = rows_M[order], cols_M[order], exact_M[order]
         self.stats["pairs"] += len(rows_M)
-        if len(rows_M) == 0:
-            empty = torch.full((num_p, k), -math.inf, dtype=torch.float64, device=x_PE.device)
-            return empty, torch.full((num_p, k), -1, dtype=torch.long, device=x_PE.device)
         return WordIndex._topk_of_pairs(exact_M, exact_M, rows_M, cols_M, num_p, k)
 
     @staticmethod

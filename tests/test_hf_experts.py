@@ -185,7 +185,7 @@ def test_distill_trains_on_an_hf_expert(tmp_path, photo_dataset, cache_dir, back
     trainer = Trainer(cfg)
     objective = trainer.objectives["distill"]
     assert objective.target_grids["dino"] == (7, 7) and objective.grid_hw == (8, 8)
-    assert objective.reverse["dino"][-1].out_features == 32
+    assert all(per_layer["dino"][-1].out_features == 32 for per_layer in objective.reverse.values())
     trainer.train()
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3]
