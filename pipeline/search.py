@@ -120,6 +120,28 @@ _INT_VIEW = {torch.bfloat16: torch.int16, torch.float32: torch.int32}
 """same-width integers: for positive floats the bit patterns order like the values"""
 
 
+def rescore_pairs(
+    q64_CE: torch.Tensor, words_NE: torch.Tensor, rows_M: torch.Tensor, cols_M: torch.Tensor
+) -> torch.Tensor:
+    """float64 dot products of (query, word) pairs of float32 vectors: every product is exact, and a sum
+    over the last dimension does not depend on where the pair sits, so equal vectors score equal. Pairs go
+    through small reused buffers that stay in the CPU's cache."""
+    out = torch.empty(len(rows_M), dtype=torch.float64, device=q64_CE.device)
+    step = max(1, min(PAIR_CHUNK, len(rows_M)))  # no pairs: every word of these rows scores < 0
+    q_PE = torch.empty(step, q64_CE.shape[1], dtype=torch.float64, device=q64_CE.device)
+    w_PE = torch.empty(step, q64_CE.shape[1], dtype=torch.float32, device=q64_CE.device)
+    w64_PE = torch.empty(step, q64_CE.shape[1], dtype=torch.float64, device=q64_CE.device)
+    for a in range(0, len(rows_M), step):
+        r, c = rows_M[a : a + step], cols_M[a : a + step]
+        n = len(r)
+        torch.index_select(q64_CE, 0, r, out=q_PE[:n])
+        torch.index_select(words_NE, 0, c, out=w_PE[:n])
+        w64_PE[:n].copy_(w_PE[:n])
+        q_PE[:n].mul_(w64_PE[:n])
+        torch.sum(q_PE[:n], dim=-1, out=out[a : a + n])
+    return out
+
+
 class WordIndex:
     """Exact inner-product index over ``sign * words_NE``; build once per process, query per batch.
 
@@ -345,22 +367,7 @@ class WordIndex:
         return up_C, down_C
 
     def _rescore(self, q64_CE: torch.Tensor, rows_M: torch.Tensor, cols_M: torch.Tensor) -> torch.Tensor:
-        """float64 dot products of (query, word) pairs of float32 vectors: every product is exact, and a sum
-        over the last dimension does not depend on where the pair sits, so equal vectors score equal."""
-        out = torch.empty(len(rows_M), dtype=torch.float64, device=q64_CE.device)
-        step = max(1, min(PAIR_CHUNK, len(rows_M)))  # no pairs: every word of these rows scores < 0
-        q_PE = torch.empty(step, q64_CE.shape[1], dtype=torch.float64, device=q64_CE.device)
-        w_PE = torch.empty(step, q64_CE.shape[1], dtype=torch.float32, device=q64_CE.device)
-        w64_PE = torch.empty(step, q64_CE.shape[1], dtype=torch.float64, device=q64_CE.device)
-        for a in range(0, len(rows_M), step):
-            r, c = rows_M[a : a + step], cols_M[a : a + step]
-            n = len(r)
-            torch.index_select(q64_CE, 0, r, out=q_PE[:n])
-            torch.index_select(self._words_NE, 0, c, out=w_PE[:n])
-            w64_PE[:n].copy_(w_PE[:n])
-            q_PE[:n].mul_(w64_PE[:n])
-            torch.sum(q_PE[:n], dim=-1, out=out[a : a + n])
-        return out
+        return rescore_pairs(q64_CE, self._words_NE, rows_M, cols_M)
 
     @staticmethod
     def _topk_of_pairs(raw_M, exact_M, rows_M, cols_M, num_c: int, k: int):
@@ -379,3 +386,139 @@ class WordIndex:
         idx_CK = order[(starts[:, None] + slot_K[None, :]).clamp(max=max(len(order) - 1, 0))]
         scores_CK = torch.where(filled_CK, exact_M[idx_CK], torch.full_like(exact_M[idx_CK], -math.inf))
         return scores_CK, torch.where(filled_CK, cols_M[idx_CK], torch.full_like(cols_M[idx_CK], -1))
+
+
+class FeatureSurgeryIndex:
+    """Exact top-k of CLIP Surgery's feature-surgery score, which depends on the image as well as the patch.
+
+    CLIP Surgery's "feature surgery" removes the part of a patch-word similarity that every word shares. For
+    L2-normalised patch ``x_p``, image embedding ``g`` (the class token's, ``EncoderOutput.image_BE``) and
+    the N words ``t_n`` of the list:
+
+        p_n = softmax_n(2 g.t_n)      w_n = N p_n      r = sum_m p_m t_m
+        score_pn = sign * (w_n x_p.t_n - x_p.r)
+
+    which is the reference's ``sum_c (x_pc t_nc w_n - mean_m x_pc t_mc w_m)`` (its ``[B, P, N, E]``
+    intermediate, 68 GiB per image at 41k words and ViT-L sizes, is never formed). The temperature 2 is the
+    reference's constant. ``x_p.r`` is the same for every word of a patch, so the ranking is that of
+    ``w_n cos_pn``; the subtraction moves the scores, and with them the absent rule (score < 0) and SEA's
+    score-proportional sampling. ``w`` and ``r`` are per image and per word list, so no fixed index can hold
+    them. Per image, one float32 GEMM screens every word: the query ``[x_p, -sign x_p.r]`` against the words
+    ``[sign w_n t_n, 1]`` gives the signed score directly. Every word that the screen's proven error bound
+    cannot exclude from the exact top-k is re-scored in float64, and the top-k of those is returned with ties
+    to the lower word id (the same contract as ``WordIndex``).
+
+    The bound, per (patch, word), from the float32 roundings of the unit query, of ``w_n`` and of its product
+    with ``t_n``, of ``x_p.r`` and from a float32 accumulation over E + 1 terms (``2 (E + 1) u`` with
+    ``u = 2^-24``: the 2x margin of the module docstring):
+    ``|s32 - s| <= w_n t_max (3u + 2 (E+1) u) + |x_p.r| (u + 2 (E+1) u)``, doubled. The screen uses its per-chunk maximum over the words; every re-scored candidate is checked
+    against it (a GEMM that accumulates below float32, such as TF32, breaks it: a ``RuntimeError``).
+
+    Letters: B images, P patches, N words, C words of one chunk, E joint width, K top-k slots, M candidates.
+    """
+
+    TEMPERATURE = 2.0
+
+    def __init__(self, words_NE: np.ndarray, score: str = "cos", device: str = "cpu"):
+        if score not in SCORE_SIGNS:
+            raise ConfigError(f"score {score!r} is not one of {list(SCORE_SIGNS)}")
+        self.score = score
+        self.sign = -1.0 if score == "neg-cos" else 1.0
+        self.device = device
+        self._words_NE = torch.from_numpy(np.ascontiguousarray(words_NE, dtype=np.float32)).to(device)
+        self._words64_NE = self._words_NE.double()
+        self.num_words, width = self._words_NE.shape
+        max_norm = float(self._words64_NE.norm(dim=1).max()) if self.num_words else 0.0
+        unit = 2.0**-24
+        acc = 2 * (width + 1) * unit
+        # times w_n: the unit query's rounding (u), w_n's and the product's (2u), the accumulation
+        self._slope = 2 * (1 + 1e-6) * max_norm * (3 * unit + acc)
+        self._offset = 2 * (1 + 1e-6) * (unit + acc)  # times |x_p.r|
+        self._screen_NE = torch.empty(self.num_words, width + 1, dtype=torch.float32, device=device)
+        self._screen_NE[:, width] = 1.0
+        self._lock = threading.Lock()
+        self.stats = {"images": 0, "queries": 0, "pairs": 0}
+
+    def search(
+        self, patches_BPE: np.ndarray | torch.Tensor, image_BE: np.ndarray | torch.Tensor, k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(labels_BPK int32, scores_BPK float16)``: -1 / -inf where fewer than k words score >= 0."""
+        with self._lock, torch.inference_mode():
+            x_BPE = torch.as_tensor(patches_BPE).float().to(self._words_NE.device)
+            g_BE = torch.as_tensor(image_BE).float().to(self._words_NE.device)
+            num_b, num_p, _ = x_BPE.shape
+            labels = np.full((num_b, num_p, k), -1, dtype=np.int32)
+            scores = np.full((num_b, num_p, k), -np.inf, dtype=np.float32)
+            k_eff = min(k, self.num_words)
+            if k_eff == 0 or num_p == 0:
+                return labels, scores.astype(np.float16)
+            for b in range(num_b):
+                scores_PK, labels_PK = self._image_topk(x_BPE[b], g_BE[b], k_eff)
+                labels[b, :, :k_eff] = labels_PK.cpu().numpy()
+                scores[b, :, :k_eff] = scores_PK.cpu().numpy()  # float64 -> float32 -> float16
+            self.stats["images"] += num_b
+            self.stats["queries"] += num_b * num_p
+            return labels, scores.astype(np.float16)
+
+    def weights(self, image_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(w_N, r_E)`` in float64 for one image embedding (normalised here)."""
+        g64_E = image_E.double()
+        g64_E = g64_E / g64_E.norm().clamp(min=1e-12)
+        prob_N = torch.softmax(self.TEMPERATURE * (self._words64_NE @ g64_E), dim=0)
+        return prob_N * self.num_words, prob_N @ self._words64_NE
+
+    def _image_topk(self, x_PE: torch.Tensor, g_E: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        sign, width = self.sign, self._words_NE.shape[1]
+        w64_N, r64_E = self.weights(g_E)
+        x64_PE = x_PE.double()
+        u64_PE = x64_PE / x64_PE.norm(dim=1, keepdim=True).clamp(min=1e-12)
+        c64_P = u64_PE @ r64_E
+        num_p = x_PE.shape[0]
+        query_PE1 = torch.empty(num_p, width + 1, dtype=torch.float32, device=x_PE.device)
+        query_PE1[:, :width] = u64_PE
+        query_PE1[:, width] = -sign * c64_P
+        torch.mul(self._words_NE, (sign * w64_N).float()[:, None], out=self._screen_NE[:, :width])
+        slope64_N = self._slope * w64_N
+        offset_P = (self._offset * c64_P.abs() + 1e-12).float()
+        step = max(1, min(self.num_words, CHUNK_BYTES // (4 * max(num_p, 1))))
+        best_lo_PK: torch.Tensor | None = None
+        found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        for first in range(0, self.num_words, step):
+            last = min(first + step, self.num_words)
+            s_PC = query_PE1 @ self._screen_NE[first:last].T  # sign * (w_n cos - c_p), float32
+            slack_P = offset_P + float(slope64_N[first:last].max())  # the chunk's largest bound, per patch
+            top_PX = torch.topk(s_PC, min(k, last - first), dim=1).values - slack_P[:, None]
+            best_lo_PK = top_PX if best_lo_PK is None else torch.cat([best_lo_PK, top_PX], dim=1)
+            best_lo_PK = torch.topk(best_lo_PK, min(k, best_lo_PK.shape[1]), dim=1).values
+            # a word of the exact top-k has s32 + bound >= max(k-th lower bound, 0): the absent rule
+            low_P = self._threshold(best_lo_PK, k) - slack_P
+            r_M, c_M = (s_PC >= low_P[:, None]).nonzero(as_tuple=True)
+            found.append((r_M, c_M + first, s_PC[r_M, c_M]))
+        threshold_P = self._threshold(best_lo_PK, k).double()
+        rows_M = torch.cat([f[0] for f in found])
+        cols_M = torch.cat([f[1] for f in found])
+        screened_M = torch.cat([f[2] for f in found]).double()
+        bound_M = slope64_N[cols_M] + offset_P.double()[rows_M]
+        keep = screened_M + bound_M >= threshold_P[rows_M]
+        rows_M, cols_M, screened_M, bound_M = rows_M[keep], cols_M[keep], screened_M[keep], bound_M[keep]
+        dots_M = rescore_pairs(u64_PE, self._words_NE, rows_M, cols_M)
+        exact_M = sign * (w64_N[cols_M] * dots_M - c64_P[rows_M])
+        if bool(((exact_M - screened_M).abs() > bound_M).any()):
+            raise RuntimeError(
+                "the float32 screen of the feature-surgery search exceeded its error bound (a matmul that "
+                "accumulates below float32, e.g. TF32: set torch.backends.cuda.matmul.allow_tf32 = False)"
+            )
+        nonneg = exact_M >= 0  # the absent rule: a negative score is no label
+        rows_M, cols_M, exact_M = rows_M[nonneg], cols_M[nonneg], exact_M[nonneg]
+        order = torch.argsort(rows_M * self.num_words + cols_M)  # (row, col) ascending: ties to lower ids
+        rows_M, cols_M, exact_M = rows_M[order], cols_M[order], exact_M[order]
+        self.stats["pairs"] += len(rows_M)
+        return WordIndex._topk_of_pairs(exact_M, exact_M, rows_M, cols_M, num_p, k)
+
+    @staticmethod
+    def _threshold(best_lo_PK: torch.Tensor, k: int) -> torch.Tensor:
+        """max(k-th largest lower bound, 0): every word of the exact top-k (that can be a label) has an upper
+        bound at least this."""
+        if best_lo_PK.shape[1] < k:
+            return torch.zeros(best_lo_PK.shape[0], dtype=best_lo_PK.dtype, device=best_lo_PK.device)
+        return best_lo_PK[:, k - 1].clamp(min=0)

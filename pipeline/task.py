@@ -11,8 +11,10 @@ surrogate in an id, a caption, a source or a sidecar is a reject, never an abort
 decoded, validated and preprocessed (``--image-aspect``, ``visalign.images.Preprocess``) in a thread pool that
 runs ahead of the model (bounded prefetch), so the forward pass does not wait on JPEG decoding; each batch goes
 through ONE encoder forward giving the LLaVA features (hidden layer ``feature_layer``) and the joint-space
-patch embeddings; the latter are searched against the cached word embeddings (``pipeline.search``). Optional
-expert encoders add their own features. Text-only records (a LLaVA record without ``image``) skip the
+patch embeddings; the latter are searched against the cached word embeddings (``pipeline.search``; with
+feature surgery, per image with the image embedding too). Optional experts (registry towers or ``hf:``
+backbones, each with its own preprocessing) add their own features. With ``store_images`` the image file's
+bytes, read once and decoded from those same bytes, are written next to them (``image.<ext>``). Text-only records (a LLaVA record without ``image``) skip the
 forward and are written as text-only samples, in input order among the others. Caption files and ``.json``
 sidecars that are not valid UTF-8 / JSON make their sample a reject (the text is what the LM is trained on;
 nothing is changed or dropped silently). The shard is complete only once the writer has renamed it and
@@ -140,21 +142,90 @@ def get_encoder(
         return _CACHE[key]
 
 
-def get_index(emb_path: str, score: str, search_backend: str, device: str):
-    from pipeline.search import WordIndex
-    from pipeline.wordlist import load_word_embeddings
+def get_expert(name: str, source: str, device: str, cache_dir: str | None):
+    """Load (once per process) and return an expert (registry tower or ``hf:`` backbone) on ``device``."""
+    from pipeline.encoders import ExpertSpec
 
-    key = ("index", emb_path, score, search_backend, device)
+    key = ("expert", name, source, device, cache_dir)
     with _CACHE_LOCK:
         if key not in _CACHE:
-            _CACHE[key] = WordIndex(
-                load_word_embeddings(emb_path), score=score, backend=search_backend, device=device
+            from pipeline.encoders import load_expert
+
+            model = load_expert(ExpertSpec(name=name, source=source), cache_dir=cache_dir)
+            model.fingerprint()
+            _CACHE[key] = model.to(device).eval()
+        return _CACHE[key]
+
+
+def get_index(emb_path: str, score: str, search_backend: str, device: str, feature_surgery: bool = False):
+    """The word index of a run: ``WordIndex`` (one fixed matrix), or ``FeatureSurgeryIndex`` (per image)."""
+    from pipeline.search import FeatureSurgeryIndex, WordIndex
+    from pipeline.wordlist import load_word_embeddings
+
+    key = ("index", emb_path, score, search_backend, device, feature_surgery)
+    with _CACHE_LOCK:
+        if key not in _CACHE:
+            words_NE = load_word_embeddings(emb_path)
+            _CACHE[key] = (
+                FeatureSurgeryIndex(words_NE, score=score, device=device)
+                if feature_surgery
+                else WordIndex(words_NE, score=score, backend=search_backend, device=device)
             )
         return _CACHE[key]
 
 
+FAMILY_SCORE = {"clip": "neg-cos", "siglip": "cos"}
+"""the label score when --score is unset: SEA ranks CLIP patches by -cos (following CLIP Surgery's finding
+that raw CLIP similarity maps are inverted); SEA is silent on SigLIP, where the plain cosine is kept"""
+
+
+def resolve_defaults(cfg: LabelConfig, enc) -> tuple[LabelConfig, str]:
+    """``cfg`` with the settings left unset decided for the tower ``enc``: the score (the family's default)
+    and feature surgery (on with ``--dense surgery``); and where the score came from (``user`` or
+    ``family-default``)."""
+    import dataclasses
+
+    score = cfg.score or FAMILY_SCORE[enc.family]
+    feature_surgery = cfg.dense == "surgery" if cfg.feature_surgery is None else bool(cfg.feature_surgery)
+    source = "user" if cfg.score else "family-default"
+    return dataclasses.replace(cfg, score=score, feature_surgery=feature_surgery), source
+
+
 def encoder_options(cfg: LabelConfig) -> dict[str, Any]:
-    return {"dense": cfg.dense, "text_context": cfg.text_context}
+    options: dict[str, Any] = {"dense": cfg.dense, "text_context": cfg.text_context}
+    if cfg.dense == "surgery":
+        options["surgery_depth"] = cfg.surgery_depth
+    return options
+
+
+IMAGE_EXTS = {
+    "JPEG": "jpg",
+    "MPO": "jpg",
+    "PNG": "png",
+    "WEBP": "webp",
+    "GIF": "gif",
+    "BMP": "bmp",
+    "TIFF": "tif",
+}
+"""PIL format -> the extension of the stored image member (others: the format's name, lowercased)"""
+
+
+def image_member(data: bytes | None, image) -> tuple[str, bytes]:
+    """``(ext, bytes)`` of the ``image.<ext>`` member: the file's own bytes with the extension of the format
+    PIL found in them; an image without encoded bytes (decoded from an array) is stored as PNG."""
+    import io
+    import re
+
+    from PIL import Image
+
+    if data is not None:
+        with Image.open(io.BytesIO(data)) as probe:  # the header only
+            fmt = probe.format
+        if fmt:
+            return IMAGE_EXTS.get(fmt, re.sub(r"[^a-z0-9]", "", fmt.lower()) or "bin"), data
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "png", buf.getvalue()
 
 
 # ---- decoding ahead of the model ------------------------------------------------------------------------
@@ -201,8 +272,16 @@ def _record(item: dict[str, Any], tar_bytes: dict[str, bytes]) -> dict[str, Any]
     return meta
 
 
-def _decode_item(item: dict[str, Any], tar_bytes: dict[str, bytes], preprocessors: list, max_pixels: int):
-    """One item -> ``(item, [pixels per encoder] | [] for text only, meta)`` or ``(item, None, reason)``.
+def _decode_item(
+    item: dict[str, Any],
+    tar_bytes: dict[str, bytes],
+    preprocessors: list,
+    max_pixels: int,
+    keep_bytes: bool = False,
+):
+    """One item -> ``(item, [pixels per encoder] | [] for text only, meta, stored image)`` or
+    ``(item, None, reason, None)``. With ``keep_bytes`` the stored image is ``image_member``'s ``(ext, bytes)``
+    of the very bytes that were decoded; else None.
 
     Runs in a thread. The record is validated (``check_record``) and its json encoded once before the image
     is decoded, so a record the trainer could not use, or one that cannot be written (a lone surrogate in
@@ -212,16 +291,16 @@ def _decode_item(item: dict[str, Any], tar_bytes: dict[str, bytes], preprocessor
     from visalign.samples import check_record
 
     if item.get("reject"):
-        return item, None, item["reject"]
+        return item, None, item["reject"], None
     try:
         meta = _record(item, tar_bytes)
         has_image = not item.get("text_only")
         problem = check_record(meta, has_image)
         if problem:
-            return item, None, problem
+            return item, None, problem, None
         if not has_image:
             S.encode_json({**meta, "has_image": False})  # SampleEncodeError: nothing is written for it
-            return item, [], meta
+            return item, [], meta, None
         source = item["source"]
         meta = {"id": meta["id"], "source": source, "orig_size": [0, 0], **meta}
         S.encode_json(meta)
@@ -233,16 +312,19 @@ def _decode_item(item: dict[str, Any], tar_bytes: dict[str, bytes], preprocessor
                 )
         else:
             data = source
+            if keep_bytes and Path(source).is_file():
+                data = Path(source).read_bytes()  # read once: the stored bytes are the decoded bytes
         image, orig_size = load_image(data, max_pixels=max_pixels)
         pixels = [pre(image) for pre in preprocessors]
         meta["orig_size"] = list(orig_size)
-        return item, pixels, meta
+        stored = image_member(data if isinstance(data, bytes) else None, image) if keep_bytes else None
+        return item, pixels, meta, stored
     except (RejectError, S.SampleEncodeError) as err:
-        return item, None, stable_reason(str(err))
+        return item, None, stable_reason(str(err)), None
     except OSError as err:  # unreadable caption sidecar, permission errors
-        return item, None, stable_reason(f"unreadable input: {type(err).__name__}: {err}")
+        return item, None, stable_reason(f"unreadable input: {type(err).__name__}: {err}"), None
     except Exception as err:  # noqa: BLE001 - one odd file (a decoder bug, an exotic mode) must not stop a run
-        return item, None, stable_reason(f"could not decode/preprocess: {type(err).__name__}: {err}")
+        return item, None, stable_reason(f"could not decode/preprocess: {type(err).__name__}: {err}"), None
 
 
 def _prefetch(fn, items: list, num_threads: int, window: int) -> Iterator:
@@ -289,8 +371,13 @@ def label_shard(task: dict[str, Any], cfg: LabelConfig) -> dict[str, Any]:
             f"worker loaded {cfg.encoder} with fingerprint {enc.fingerprint()[:12]}, the driver has "
             f"{task['fingerprint'][:12]}: workers must see the same weights/cache as the driver"
         )
-    experts = [get_encoder(n, None, None, device, cfg.cache_dir) for n in cfg.experts]
-    index_ = get_index(task["word_emb_path"], cfg.score, cfg.search_backend, device)
+    from pipeline.encoders import parse_expert
+
+    cfg, _ = resolve_defaults(cfg, enc)  # the driver has resolved them already; a direct call may not
+    specs = [parse_expert(x) for x in cfg.experts]
+    experts = [get_expert(x.name, x.source, device, cfg.cache_dir) for x in specs]
+    feature_surgery = bool(cfg.feature_surgery)
+    index_ = get_index(task["word_emb_path"], cfg.score, cfg.search_backend, device, feature_surgery)
     threads = task_threads(task)
     if threads:
         set_threads(threads)
@@ -322,7 +409,8 @@ def label_shard(task: dict[str, Any], cfg: LabelConfig) -> dict[str, Any]:
         )
 
     def forward(images: list) -> tuple[Any, Any, list]:
-        """ONE encoder forward (and one per expert) over the batch's images, on this thread."""
+        """ONE encoder forward (and one per expert) over the batch's images, on this thread. The joint part is
+        the patches, or (patches, image embeddings) with feature surgery."""
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=on_cuda):
             main = enc(_to_device([b[1][0] for b in images], device), feature_layer=cfg.feature_layer)
             expert_feats = [
@@ -331,9 +419,14 @@ def label_shard(task: dict[str, Any], cfg: LabelConfig) -> dict[str, Any]:
                 ).feats_BPD
                 for j, e in enumerate(experts, start=1)
             ]
-            return main.feats_BPD, main.joint_BPE, expert_feats
+            joint = (main.joint_BPE, main.image_BE) if feature_surgery else main.joint_BPE
+            return main.feats_BPD, joint, expert_feats
 
-    def search(joint_BPE) -> tuple[np.ndarray, np.ndarray]:
+    def search(joint) -> tuple[np.ndarray, np.ndarray]:
+        if feature_surgery:
+            joint_BPE, image_BE = joint
+            return index_.search(joint_BPE.float(), image_BE.float(), cfg.top_k)
+        joint_BPE = joint
         num_b, num_p, num_e = joint_BPE.shape
         labels, scores = index_.search(joint_BPE.float().reshape(num_b * num_p, num_e), cfg.top_k)
         return labels.reshape(num_b, num_p, cfg.top_k), scores.reshape(num_b, num_p, cfg.top_k)
@@ -359,20 +452,20 @@ def label_shard(task: dict[str, Any], cfg: LabelConfig) -> dict[str, Any]:
             experts_host = [_host_float16(f) for f in expert_feats]
         else:
             t0 = time.perf_counter()
-        for item, pixels, meta in batch:
+        for item, pixels, meta, stored in batch:
             key = S.sample_key(meta["id"])
             try:
                 if not pixels:
                     writer.write_text_only(key, meta)
                     continue
                 b = rows[id(item)]
-                experts_b = {name: ef[b] for name, ef in zip(cfg.experts, experts_host)}
-                writer.write(key, feats_BPD[b], labels_BPK[b], scores_BPK[b], meta, experts_b)
+                experts_b = {spec.name: ef[b] for spec, ef in zip(specs, experts_host)}
+                writer.write(key, feats_BPD[b], labels_BPK[b], scores_BPK[b], meta, experts_b, stored)
             except S.SampleEncodeError as err:
                 reject(write_rejects, item, stable_reason(str(err)))
         timing["write_s"] += time.perf_counter() - t0
 
-    def flush(batch: list[tuple[dict, list, dict]], writing: _WritingThread) -> None:
+    def flush(batch: list[tuple[dict, list, dict, Any]], writing: _WritingThread) -> None:
         """The forward (and, on a CPU, the search) here; the rest on the writing thread."""
         images = [b for b in batch if b[1]]
         feats = joint = None
@@ -398,7 +491,7 @@ def label_shard(task: dict[str, Any], cfg: LabelConfig) -> dict[str, Any]:
             batch: list = []
             num_images = 0
             decoded = _prefetch(
-                lambda it: _decode_item(it, tar_bytes, preprocessors, cfg.max_image_pixels),
+                lambda it: _decode_item(it, tar_bytes, preprocessors, cfg.max_image_pixels, cfg.store_images),
                 items,
                 cfg.decode_threads,
                 window,
@@ -409,11 +502,11 @@ def label_shard(task: dict[str, Any], cfg: LabelConfig) -> dict[str, Any]:
                 timing["wait_s"] += time.perf_counter() - t0
                 if result is None:
                     break
-                item, pixels, meta_or_reason = result
+                item, pixels, meta_or_reason, stored = result
                 if pixels is None:
                     reject(rejects, item, meta_or_reason)
                     continue
-                batch.append((item, pixels, meta_or_reason))
+                batch.append((item, pixels, meta_or_reason, stored))
                 num_images += bool(pixels)
                 if num_images == cfg.batch_size:
                     flush(batch, writing)

@@ -351,8 +351,8 @@ def test_refuses_other_settings_unless_overwrite(tmp_path, photo_dataset, words_
     again = run_label(cfg)
     assert again["num_shards_skipped"] == 3 and again["num_images_this_run"] == 0
     with pytest.raises(SettingsMismatchError) as err:
-        run_label(dataclasses.replace(cfg, top_k=5, score="neg-cos"))
-    assert "top_k: 10 -> 5" in str(err.value) and 'score: "cos" -> "neg-cos"' in str(err.value)
+        run_label(dataclasses.replace(cfg, top_k=5, score="cos"))
+    assert "top_k: 10 -> 5" in str(err.value) and 'score: "neg-cos" -> "cos"' in str(err.value)
     assert {p.name: p.read_bytes() for p in sorted((tmp_path / "out").glob("shard-*.tar"))} == first
     run_label(dataclasses.replace(cfg, top_k=5, overwrite=True))
     m = S.read_manifest(tmp_path / "out")

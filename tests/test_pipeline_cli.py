@@ -47,6 +47,8 @@ def labelled(tmp_path_factory, photo_dataset, cache_dir):
             "3",
             "--top-k",
             "5",
+            "--score",
+            "cos",
             "--progress",
             "false",
             "--cache-dir",
@@ -70,7 +72,7 @@ def test_label_writes_contract_files(labelled):
 def test_info(labelled, capsys):
     assert main(["info", str(labelled)]) == 0
     text = capsys.readouterr().out
-    assert "tiny-clip" in text and "top-5 by cos" in text and "20 words" in text
+    assert "tiny-clip" in text and "top-5 by cos (given)" in text and "20 words" in text
     assert "9 in 3 shards (7 with an image, 2 text-only), 0 rejects" in text
     sizes = sum((labelled / f"shard-{i:06d}.tar").stat().st_size for i in range(3))
     assert f"{sizes / 1e3:.2f} kB of shards ({sizes / 7 / 1e3:.2f} kB per image sample)" in text
@@ -79,7 +81,7 @@ def test_info(labelled, capsys):
 
 def test_text_only_samples_in_the_shards_and_manifest(labelled):
     m = S.read_manifest(labelled)
-    assert (m.num_samples, m.num_text_only, m.schema_version) == (9, 2, 2)
+    assert (m.num_samples, m.num_text_only, m.schema_version) == (9, 2, 3)
     per_shard = []
     for info, path in zip(m.shards, m.shard_paths(labelled)):
         samples = list(S.iter_tar(path))

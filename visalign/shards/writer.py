@@ -10,6 +10,8 @@ shards. The rules it keeps (docs/shards.md):
 * a sample is encoded completely (arrays and JSON) before its first member is written, so a sample that
   cannot be serialised (``SampleEncodeError``, e.g. a lone surrogate in a caption, an id or a source) leaves
   the tar untouched and the caller records it as a reject;
+* with ``image=(ext, data)`` an image sample also carries the image file's bytes as ``image.<ext>`` (schema 3,
+  ``pipeline label --store-images``), written unchanged;
 * a text-only sample (``write_text_only``) is its ``json`` member alone, with ``"has_image": false``; the
   sidecar counts them (``num_text_only``) and records the tar's size (``num_bytes``);
 * JSON files and the manifest are written to a ``.tmp`` and renamed; the manifest is written last.
@@ -34,6 +36,7 @@ from visalign.hashing import sha256_file
 from visalign.shards.schema import (
     EXPERT_PREFIX,
     FEAT,
+    IMAGE_PREFIX,
     LABELS,
     MANIFEST,
     META,
@@ -149,8 +152,11 @@ def encode_sample(
     scores_PK: np.ndarray,
     meta: dict[str, Any],
     experts: dict[str, np.ndarray] | None = None,
+    image: tuple[str, bytes] | None = None,
 ) -> list[tuple[str, bytes]]:
-    """The tar members of one sample, in contract order: feat, labels, scores, experts, json."""
+    """The tar members of one sample, in contract order: feat, labels, scores, experts, image, json.
+
+    ``image``: ``(ext, data)``, the image file's own bytes and its extension (``jpg``, ``png``, ...)."""
     members = [
         (f"{key}.{FEAT}", encode_npy(np.asarray(feat_PD, dtype=np.float16))),
         (f"{key}.{LABELS}", encode_npy(np.asarray(labels_PK, dtype=np.int32))),
@@ -158,6 +164,11 @@ def encode_sample(
     ]
     for name, feats in (experts or {}).items():
         members.append((f"{key}.{EXPERT_PREFIX}{name}.npy", encode_npy(np.asarray(feats, dtype=np.float16))))
+    if image is not None:
+        ext, data = image
+        if not re.fullmatch(r"[a-z0-9]+", ext):
+            raise ValueError(f"image extension {ext!r}: lowercase letters and digits only (jpg, png, webp)")
+        members.append((f"{key}.{IMAGE_PREFIX}{ext}", bytes(data)))
     members.append((f"{key}.{META}", encode_json(meta)))
     return members
 
@@ -219,9 +230,11 @@ class ShardWriter:
         scores_PK: np.ndarray,
         meta: dict[str, Any],
         experts: dict[str, np.ndarray] | None = None,
+        image: tuple[str, bytes] | None = None,
     ) -> None:
-        """Append one sample; raises ``SampleEncodeError`` (nothing written) when it cannot be serialised."""
-        members = encode_sample(key, feat_PD, labels_PK, scores_PK, meta, experts)
+        """Append one sample; raises ``SampleEncodeError`` (nothing written) when it cannot be serialised.
+        ``image``: ``(ext, data)`` to store the image file's bytes too (``image.<ext>``)."""
+        members = encode_sample(key, feat_PD, labels_PK, scores_PK, meta, experts, image)
         for name, data in members:
             _add_member(self._tar, name, data)
         self.num_samples += 1
