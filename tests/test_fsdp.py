@@ -252,7 +252,7 @@ def test_fsdp_stop_resume_export_eval(tiny_shards, cache_dir, tmp_path):
 
     def args(name, stage, *extra):
         init = ["--init-projector", str(tmp_path / name.replace("s2", "s1").replace("-parts", ""))]
-        return common_args(shards, tmp_path / name, "--stage", stage, "--objective", "sea+distill",
+        return common_args(shards, tmp_path / name, "--stage", stage, "--objective", "sea+basic+distill",
                            "--batch-size", "1", *ev, *(init if stage == "finetune" else []), *extra)  # fmt: skip
 
     fsdp = accelerate(FSDP_CONFIG)

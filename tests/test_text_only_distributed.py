@@ -54,7 +54,7 @@ def reference(shards: Path, run: Path):
     module, tok = build_train_module(cfg, manifest, shards, apply_stage_to=cfg.stage)
     module.train()
     weights = objective_weights(cfg.objectives, parse_spec(cfg.objective))
-    optimizer = torch.optim.AdamW(param_groups(module, cfg.optim.weight_decay), lr=cfg.optim.lr,
+    optimizer = torch.optim.AdamW(param_groups(module, cfg.optim.weight_decay, cfg.optim.lr), lr=cfg.optim.lr,
                                   betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)  # fmt: skip
     warmup = int(round(cfg.optim.warmup_ratio * cfg.optim.max_steps))
     schedule = functools.partial(lr_lambda, warmup_steps=warmup, max_steps=cfg.optim.max_steps,
