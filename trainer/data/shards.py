@@ -1,6 +1,8 @@
 """Streaming the label shards into the trainer: split across ranks and workers by us, resumable exactly.
 
-Input: a finished ``pipeline label`` root (``manifest.json`` + ``shard-*.tar``, see ``visalign.shards``).
+Input: a finished ``pipeline label`` root (``manifest.json`` + ``shard-*.tar``, see ``visalign.shards``): a
+local folder or the URL of one (http(s)://, s3://, gs://, ... : ``visalign.shards.remote``; each worker
+streams the shard pieces its slot needs, nothing is copied to local disk).
 Output: an ``IterableDataset`` of collated micro-batches for one rank, endless (step-based training).
 
 How the samples are split (the choice the brief asked us to make and document):
@@ -60,6 +62,7 @@ from visalign.shards import (
     read_manifest,
     sample_layout,
 )
+from visalign.shards.remote import is_url
 
 
 def split_range(num_samples: int, num_slots: int, slot: int) -> tuple[int, int]:
@@ -144,7 +147,7 @@ class ShardStream(IterableDataset):
         manifest: Manifest | None = None,
     ):
         super().__init__()
-        self.root = Path(root)
+        self.root = root if is_url(root) else Path(root)
         self.manifest = manifest or read_manifest(self.root)
         self.layout = layout
         self.transform = transform
