@@ -147,7 +147,7 @@ def test_eval_from_http_equals_local(tiny_shards, serve, tmp_path):
 @pytest.mark.parametrize("ranges", [True, False])
 def test_http_reader_equals_local_windows(tiny_shards, serve, monkeypatch, ranges):
     """Every window of samples of a shard, over a server with and without Range support: the same raw
-    members as the local file; ``size`` comes from HEAD."""
+    members as the local file, and the same size (from a 1-byte range, or the whole response's length)."""
     root = tiny_shards(num_samples=5, samples_per_shard=5, text_only={3})
     base, handler = serve(root, ranges=ranges)
     monkeypatch.setattr(remote, "HTTP_DISCARD", 0)

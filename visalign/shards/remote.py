@@ -12,12 +12,12 @@ Input: a shard root as the user gave it (``--shards``): a local path, or a URL o
   requests rather than one per tar member.
 
 Output: ``join`` (the location of a file of the root), ``open_input`` (a binary, readable, forward-seekable
-file object), ``size`` (bytes, or None when the server does not say), ``read_text``. Every failure a user can
-fix is a ``ShardAccessError`` naming the URL and the fix: a package to install, a server that cannot be
-reached, a file that is not there (``FileNotFoundError`` is kept for the caller, which knows what the file
-was for: a missing manifest means an unfinished or wrong root). Webdataset's ``pipe:`` commands are not
-accepted: the trainer needs the folder (the manifest next to the shards), which a command stream does not
-name.
+file object), ``size`` (bytes, or None when the server does not say), ``read_text``. Failures a user can fix
+are ``ShardAccessError``s naming the URL and the fix (a package to install, a server that cannot be reached
+or refuses access); a file that is not there stays a ``FileNotFoundError`` for the caller, which knows what
+the file was for (a missing manifest means an unfinished or wrong root). Webdataset's ``pipe:`` commands are
+not accepted: the trainer needs the folder (the manifest next to the shards), which a command stream does
+not name.
 
 Only the standard library at import time: the trainer imports this on nodes without fsspec's extras.
 """
@@ -167,11 +167,11 @@ def _fsspec(url: str):
 
 
 # ---- http(s) without extra packages ------------------------------------------------------------------------
-def _request(url: str, method: str = "GET", start: int = 0, end: int | None = None):
+def _request(url: str, start: int = 0, end: int | None = None):
     headers = {}
     if start or end is not None:
         headers["Range"] = f"bytes={start}-{'' if end is None else end}"
-    req = urllib.request.Request(url, headers=headers, method=method)
+    req = urllib.request.Request(url, headers=headers)
     try:
         return urllib.request.urlopen(req, timeout=HTTP_TIMEOUT)  # noqa: S310 (the user's own URL)
     except urllib.error.HTTPError as err:
@@ -190,16 +190,18 @@ def _request(url: str, method: str = "GET", start: int = 0, end: int | None = No
 
 
 def _http_size(url: str) -> int | None:
-    with _request(url, "HEAD") as resp:
-        length = resp.headers.get("Content-Length")
-    if length is not None and length.isdigit():
-        return int(length)
-    resp = _request(url, start=0, end=0)  # some servers answer HEAD without a length; a 1-byte range says it
-    if resp is None:
+    """From a GET of the first byte (not HEAD, which some servers and signed URLs refuse): the total in
+    ``Content-Range`` when the server honours the range, else the whole file's ``Content-Length`` (the
+    body is not read: the connection is closed)."""
+    resp = _request(url, start=0, end=0)
+    if resp is None:  # 416: not even byte 0 exists
         return 0
     with resp:
-        total = resp.headers.get("Content-Range", "").rpartition("/")[2]
-    return int(total) if total.isdigit() else None
+        if resp.status == 206:
+            total = resp.headers.get("Content-Range", "").rpartition("/")[2]
+            return int(total) if total.isdigit() else None
+        length = resp.headers.get("Content-Length")
+        return int(length) if length is not None and length.isdigit() else None
 
 
 class HTTPStream(io.RawIOBase):
