@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"wrote {args.samples} samples through ShardWriter in {time.perf_counter() - start:.1f} s")
         manifest = S.read_manifest(root)
         paths = manifest.shard_paths(root)
-        local = not S.is_url(root)
+        local = "://" not in str(root)  # (a URL root has no files to read raw)
         num_samples = manifest.num_samples
         total = sum(s.num_bytes or 0 for s in manifest.shards) or sum(Path(p).stat().st_size for p in paths)
         per_sample = total / num_samples

@@ -249,3 +249,40 @@ def test_scan_reports_where_and_why_the_member_list_ends(tmp_path):
         S.ShardFormatError, match="n.tar differs from its manifest: it cannot be read as a tar"
     ):
         list(S.iter_raw(tmp_path / "n.tar"))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_rows_larger_than_one_copy_chunk_convert_exactly(threads):
+    """Rows of more elements than one serial copy (collate.SERIAL_CHUNK), with one torch thread (whole rows)
+    and two (chunks), against numpy's own cast; a Fortran-ordered row too."""
+    from trainer.data import collate as C
+
+    rng = np.random.default_rng(3)
+    shape = (300, 250)  # 75,000 elements: 3 chunks
+    assert np.prod(shape) > 2 * C.SERIAL_CHUNK
+    rows = [rng.standard_normal(shape).astype(np.float16) for _ in range(2)]
+    rows.append(np.asfortranarray(rng.standard_normal(shape).astype(np.float16)))
+    for row in rows:
+        row.setflags(write=False)
+    samples = [
+        {"feat": r, "labels": np.zeros((300, 1), np.int32), "scores": np.zeros((300, 1), np.float16)}
+        for r in rows
+    ]
+    samples.insert(1, {})
+    image_B = [True, False, True, True]
+    layout = {
+        "feat.npy": (shape, "float16"),
+        "labels.npy": ((300, 1), "int32"),
+        "scores.npy": ((300, 1), "float16"),
+    }
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = C.Collator.arrays(samples, image_B, layout)
+    finally:
+        torch.set_num_threads(before)
+    expected = np.stack([rows[0], np.zeros(shape), rows[1], rows[2]]).astype(np.float32)
+    assert out["feats_BPD"].dtype == torch.float32 and torch.equal(
+        out["feats_BPD"], torch.from_numpy(expected)
+    )
+    assert out["labels_BPK"][1].eq(-1).all() and out["scores_BPK"][1].eq(-np.inf).all()

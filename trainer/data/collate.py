@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,11 @@ from visalign.shards import EXPERT_PREFIX, FEAT, LABELS, SCORES, Manifest, has_i
 log = logging.getLogger(__name__)
 
 MAX_CONSECUTIVE_UNUSABLE = 256
+SERIAL_CHUNK = 32767
+"""elements per copy when a batch is filled by a process with several torch threads: below torch's parallel
+grain (32768), so no copy opens a parallel region. Measured on a busy 2-core machine: a parallel region per
+row waits on threads that are not scheduled (4x slower than one thread); serial chunks are as fast as one
+thread. A loader worker runs one thread and copies whole rows"""
 
 
 class UnusableDataError(VisalignError):
@@ -182,17 +188,23 @@ class Collator:
         """feats / labels / scores / experts of the rows; text-only rows hold the documented fill values."""
 
         def stack(key: str, fill: float, dtype: torch.dtype) -> torch.Tensor:
-            # The rows are stacked as stored (float16: half the bytes) and converted in one call by torch's
-            # vectorised kernel (numpy's float16 -> float32 cast is several times slower). In a DataLoader
-            # worker the batch is allocated in shared memory, as torch's default_collate does, so handing
-            # it to the main process copies nothing.
-            shape, stored = layout[f"{key}.npy"]
-            rows = [
-                np.asarray(s[key]) if image else np.full(shape, fill, dtype=stored)
-                for s, image in zip(samples, image_B)
-            ]
-            out = _empty((len(rows), *shape), dtype)
-            return out.copy_(torch.from_numpy(np.stack(rows)))
+            # Each row is converted straight into the batch tensor by torch's vectorised kernel (numpy's
+            # float16 -> float32 cast is several times slower), with no stacked float16 copy in between.
+            # In a DataLoader worker the batch lives in shared memory (see _empty).
+            shape, _ = layout[f"{key}.npy"]
+            out = _empty((len(samples), *shape), dtype)
+            chunk = max(math.prod(shape), 1) if torch.get_num_threads() == 1 else SERIAL_CHUNK
+            with warnings.catch_warnings():
+                # the rows are read-only views of the tar bytes; torch only reads them here
+                warnings.simplefilter("ignore", UserWarning)
+                for row, s, image in zip(out.view(len(samples), -1), samples, image_B):
+                    if not image:
+                        row.fill_(fill)
+                        continue
+                    src = torch.from_numpy(np.asarray(s[key])).reshape(-1)
+                    for i in range(0, src.numel(), chunk):
+                        row[i : i + chunk].copy_(src[i : i + chunk])
+            return out
 
         expert_keys = sorted(k[: -len(".npy")] for k in layout if k.startswith(EXPERT_PREFIX))
         return {

@@ -1,22 +1,28 @@
 """The one reader of the shard contract: manifest, word list, the samples of a shard, and their verification.
 
+Every ``root`` / ``path`` below is a local path or a URL (``visalign.shards.remote``: http(s) with the
+standard library, any other protocol through fsspec); a URL root's shards are ``<root>/<name>``.
+
 * ``read_manifest(root)`` refuses roots that are unfinished (no manifest) or of another schema version;
 * ``read_wordlist(root)``: the words label ids index into;
-* ``iter_raw(path, first, end)``: the raw members (bytes) of samples ``first .. end-1`` of one tar; earlier
-  samples are skipped without reading their data (tarfile seeks over members it does not extract). A tar
-  that cannot be read, or ends before sample ``end - 1``, is a ``ShardFormatError`` naming it;
+* ``iter_raw(path, first, end)``: the raw members (bytes) of samples ``first .. end-1`` of one tar, read in
+  one front-to-back pass (``TarScan`` parses the headers; earlier samples' data is passed over by a seek
+  where the file seeks, read and dropped where it streams). A tar that cannot be read, or ends before sample
+  ``end - 1``, is a ``ShardFormatError`` naming it;
 * ``decode_sample(raw)``: raw members -> arrays (``np.load(allow_pickle=False)``) + metadata, as they are
   (inspection);
 * ``decode_checked(raw, layout)``: the same, strictly: every member the sample's kind needs (an image sample:
   feat, labels, scores, one array per expert, json; a text-only sample: json alone), each decodable and of
   the shape and dtype the manifest implies (``sample_layout``); anything else is a ``SampleError`` whose text
-  is the reason (the trainer skips and records such a sample);
+  is the reason (the trainer skips and records such a sample). Arrays are read-only views of the member
+  bytes (no copy); each distinct ``.npy`` header is parsed once per process;
 * ``iter_tar(path)``: decoded samples of a whole shard (inspection, tests);
 * ``check_shard(path, info, layout, full)``: how one shard differs from its manifest record, as a list of
   problems (empty = as recorded). Always: the size (schema 2 records it), the tar structure read from its
-  headers (a member that runs past the end of the file = truncation), the number of samples and of text-only
-  samples, the members each sample has. ``full`` also reads every byte once: the sha256, and every sample
-  through ``decode_checked``.
+  headers (a member that runs past the end of the file = truncation, the end-of-archive marker), the number
+  of samples and of text-only samples, the members each sample has; a URL without ``full``: its size only.
+  ``full`` also reads every byte once (a URL: streamed): the sha256, and every sample through
+  ``decode_checked``.
 
 Any WebDataset reader (``wds.WebDataset(urls).decode()``) reads the same shards; the trainer uses this one
 because its rank x worker split needs "samples i..j of shard k" (``trainer/data/shards.py``).
