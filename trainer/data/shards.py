@@ -33,8 +33,9 @@ position follows from it (``state_dict``/``start_batches``), and the slot stream
 and skips exactly the unusable ones it would have skipped (positions count samples read, not used).
 Samples before the resume position are read from the tar but never decoded.
 
-We read tars with ``tarfile`` rather than webdataset: the split above needs "samples i..j of shard k",
-which a per-shard webdataset pipeline does not express; both read the same members (``visalign.shards``).
+We read tars with ``visalign.shards.iter_raw`` (one front-to-back pass per slot piece, local or at a URL)
+rather than webdataset: the split above needs "samples i..j of shard k", which a per-shard webdataset
+pipeline does not express; both read the same members.
 
 Letters: B batch, P patches, D feature width, K top-k slots.
 """
