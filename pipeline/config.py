@@ -13,7 +13,8 @@ from typing import Literal
 @dataclasses.dataclass
 class LabelConfig:
     encoder: str
-    """vision encoder registry name (tiny-clip, tiny-siglip, clip, siglip, random-vit-b16)"""
+    """vision encoder registry name (tiny-clip, tiny-siglip, clip, siglip, random-vit-b16) or a local HF
+    CLIP/SigLIP folder"""
     input: str
     """a LLaVA-format JSON, a folder of images (+ same-stem .txt captions) or img2dataset-style .tar shards"""
     shards: str
@@ -41,16 +42,31 @@ class LabelConfig:
     """prompt templates with {} for the word, e.g. 'a photo of a {}.' (averaged); empty = the bare word"""
     top_k: int = 10
     """labels kept per patch"""
-    score: Literal["cos", "neg-cos"] = "cos"
-    """label score: cos, or neg-cos (SEA's choice for CLIP, following CLIP Surgery)"""
+    score: Literal["cos", "neg-cos"] | None = None
+    """label score: cos or neg-cos; unset = the encoder family's default: neg-cos for CLIP towers (SEA ranks
+    by -cos in CLIP's space, following CLIP Surgery), cos for SigLIP (SEA is silent there). The manifest
+    records the value and whether it was the default"""
     dense: str = "none"
-    """dense joint-space patch features: none, or maskclip (CLIP towers only)"""
+    """dense joint-space patch features (CLIP towers only): none, maskclip (the last block's attention
+    replaced by its value path) or surgery (CLIP Surgery: v-v attention in the last --surgery-depth blocks
+    plus feature surgery)"""
+    surgery_depth: int = 6
+    """with --dense surgery: the last blocks that get the v-v path (CLIP Surgery's code: 6 for every ViT);
+    clamped to the tower's depth, the manifest records the effective value"""
+    feature_surgery: bool | None = None
+    """with --dense surgery: rank words by CLIP Surgery's feature-surgery score (per-image word weights minus
+    the feature all words share) instead of the plain cosine; unset = on with --dense surgery"""
+    store_images: bool = False
+    """also store each image file's bytes in the shards (image.<ext>), for training with the vision encoder
+    online"""
     text_context: int | None = None
     """truncate the CLIP text context to this many tokens (faster word embeddings for short words)"""
     experts: list[str] = dataclasses.field(default_factory=list)
-    """extra expert encoders whose features are cached as expert.<name>.npy (comma-separated names)"""
+    """extra expert encoders whose features are cached as expert.<name>.npy, comma-separated [NAME=]SOURCE:
+    an encoder name above, a local HF CLIP/SigLIP folder, or hf:<folder or hub id> for any HF vision
+    backbone (DINOv2, SAM, ...: its own image processor and patch grid)"""
     expert_feature_layer: int = -2
-    """hidden-state index of the expert encoders' features"""
+    """hidden-state index of the expert encoders' features (HF indexing, before any final norm)"""
     scheduler: str = "local"
     """synchronous (in-process), local (a LocalCluster of --workers processes) or a tcp://host:port address"""
     workers: int = 2
@@ -62,7 +78,13 @@ class LabelConfig:
     device: str = "auto"
     """auto (cuda if available), cpu or cuda"""
     search_backend: str = "auto"
-    """top-k search: auto (faiss if installed), faiss or torch"""
+    """exact top-k search: bf16 (bfloat16 screen + float64 re-score of the candidates), torch (the same with
+    a float32 screen), faiss (IndexFlatIP, float32), or auto (bf16 where torch has bf16 kernels, else faiss
+    if installed, else torch)"""
+    threads: int | None = None
+    """torch and FAISS compute threads per worker process (default: the cores this process may use divided
+    by the worker processes on the machine: --workers for the local scheduler, each machine's count on a
+    tcp:// cluster; synchronous keeps torch's default unless set)"""
     decode_threads: int = 4
     """threads decoding and preprocessing images ahead of the forward, per worker"""
     max_image_pixels: int = 100_000_000

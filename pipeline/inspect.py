@@ -1,6 +1,6 @@
 """Looking at a finished label output: ``pipeline info``, ``show`` and ``stats``.
 
-Input: an OUT folder written by ``pipeline label`` (manifest, wordlist.txt, shards; schema 1 or 2). Outputs:
+Input: an OUT folder written by ``pipeline label`` (manifest, wordlist.txt, shards; schema 1, 2 or 3). Outputs:
 text for ``info``/``stats`` and, for ``show``, a PNG of one sample's image as the encoder saw it (same
 pad/resize/crop, from the manifest's ``encoder.preprocess``) with the top-1 word of every patch written on its
 grid cell. Text-only samples have no patches: ``stats`` counts them apart, ``show`` refuses them.
@@ -31,19 +31,23 @@ def format_info(out: str | Path) -> str:
         f"image size       {e.image_size} px, patch grid {e.patch_grid[0]}x{e.patch_grid[1]} "
         f"= {m.num_patches} patches",
         f"features         layer {e.feature_layer}, {e.feature_dim}-d {e.feature_dtype}; "
-        f"joint space {e.joint_dim}-d",
+        f"joint space {e.joint_dim}-d{_dense_text(e)}",
         f"preprocessing    {_preprocess_text(e.preprocess)}",
         f"word list        {m.wordlist.count} words, sha256 {m.wordlist.sha256[:16]} "
         f"(from {m.wordlist.source})",
-        f"labels           top-{m.top_k} by {m.score_sign}, templates {m.templates or '(bare word)'}",
+        f"labels           top-{m.top_k} by {m.score_sign}{_score_source_text(m.score_source)}"
+        f"{', feature surgery' if m.feature_surgery else ''}, templates {m.templates or '(bare word)'}",
         f"samples          {m.num_samples} in {len(m.shards)} shards ({m.num_samples - m.num_text_only} "
         f"with an image, {m.num_text_only} text-only), {m.num_rejects} rejects",
         f"config digest    {m.config_digest[:16]}",
     ]
+    if m.stores_images:
+        lines.append("images           stored in the shards (image.<ext> members)")
     for x in m.experts:
         lines.append(
             f"expert           {x.name} ({x.backend}) layer {x.feature_layer}, {x.feature_dim}-d, "
             f"grid {x.patch_grid[0]}x{x.patch_grid[1]}"
+            + (f", {x.model_type} from {x.path}" if x.model_type else "")
         )
     if m.shards:
         sizes = [s.num_samples for s in m.shards]
@@ -59,6 +63,18 @@ def format_info(out: str | Path) -> str:
         else:
             lines.append("disk             (shard sizes not recorded: schema 1)")
     return "\n".join(lines)
+
+
+def _dense_text(e: S.EncoderInfo) -> str:
+    if e.dense == "surgery":
+        return f" (CLIP Surgery path, last {e.surgery_depth} blocks)"
+    if e.dense == "maskclip":
+        return " (MaskCLIP value path in the last block)"
+    return ""
+
+
+def _score_source_text(source: str | None) -> str:
+    return {"user": " (given)", "family-default": " (the encoder family's default)"}.get(source or "", "")
 
 
 def _size(num_bytes: float) -> str:

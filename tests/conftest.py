@@ -104,15 +104,20 @@ def write_tiny_shards(
     text_only=(),
     record_sizes: bool = True,
     edit_meta=None,
+    experts=None,
 ) -> Path:
     """Synthetic label shards through the contract's one writer (no encoder, no Dask): random features,
     labels, alternating caption / conversation samples; the samples at the positions in ``text_only`` are
     text-only (json alone). ``record_sizes=False`` leaves ``num_bytes`` out of the manifest, as schema 1 did;
-    ``edit_meta(i, meta) -> meta`` rewrites sample i's record (broken records of old shards). Deterministic in
+    ``edit_meta(i, meta) -> meta`` rewrites sample i's record (broken records of old shards); ``experts``
+    ``{name: ((h, w), D_e)}`` adds random expert features (``expert.<name>.npy``, drawn from their own stream,
+    so the other arrays stay those of a run without experts) and lists them in the manifest. Deterministic in
     its arguments."""
     from visalign import shards as S
 
     rng = np.random.default_rng(0)
+    expert_rng = np.random.default_rng(1)
+    experts = dict(experts or {})
     root.mkdir(parents=True, exist_ok=True)
     words = words or [f"word{i}" for i in range(20)]
     S.write_wordlist(words, root / S.WORDLIST)
@@ -140,7 +145,11 @@ def write_tiny_shards(
                         meta["conversations"][0]["value"] = "What is word" + str(i % 20) + "?"
                     writer.write_text_only(f"s{i:04d}", meta)
                 else:
-                    writer.write(f"s{i:04d}", feat, labels, scores, meta)
+                    arrays = {
+                        name: expert_rng.standard_normal((grid[0] * grid[1], dim)).astype(np.float16)
+                        for name, (grid, dim) in experts.items()
+                    }
+                    writer.write(f"s{i:04d}", feat, labels, scores, meta, experts=arrays or None)
             stats = writer.close()
         info = S.shard_info(root, stats)
         if not record_sizes:
@@ -168,6 +177,17 @@ def write_tiny_shards(
         num_samples=num_samples,
         num_rejects=0,
         num_text_only=len(set(text_only) & set(range(num_samples))),
+        experts=[
+            S.ExpertInfo(
+                name=name,
+                backend="hf",
+                fingerprint=f"{name}-fp",
+                feature_layer=-2,
+                patch_grid=list(grid),
+                feature_dim=dim,
+            )
+            for name, (grid, dim) in experts.items()
+        ],
     )
     S.write_manifest(root, manifest)
     return root

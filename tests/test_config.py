@@ -100,3 +100,16 @@ def test_every_preset_parses(preset):
     }
     filled = {name: data.get(name, "PLACEHOLDER") for name in required}
     resolve(cls, {"config": str(preset), **{k: v for k, v in filled.items() if k not in data}})
+
+
+def test_configs_recorded_with_data_format_are_read_as_conv_template():
+    from trainer.config import TrainConfig, upgrade_recorded
+    from visalign.config import from_dict, to_dict
+
+    current = to_dict(TrainConfig(shards="s", output="o"))
+    for old, new in (("plain", "plain"), ("chat", "tokenizer"), ("auto", "auto")):
+        recorded = {**current, "data": {k: v for k, v in current["data"].items() if k != "conv_template"}}
+        recorded["data"]["format"] = old
+        cfg = from_dict(TrainConfig, upgrade_recorded(recorded))
+        assert cfg.data.conv_template == new
+    assert upgrade_recorded(current) is current

@@ -244,16 +244,23 @@ def test_trainer_eval_writes_metrics_and_pictures(tiny, shards, runs, tmp_path):
         vals, _ = _direct(model, tok, batch, targets_Wd, ok_W, layer)
         for name, value in vals.items():
             assert data["per_layer"][str(layer)][name] == pytest.approx(value, abs=1e-5), (layer, name)
-    # reverse cosine = mean cos(r(H_L), F) with the checkpoint's reverse projector
+    # reverse cosine = mean cos(r(H_L), F) with the checkpoint's reverse projector; H_L is the last decoder
+    # layer's output (before the final norm: distill's default), read here by a hook on that layer
     from trainer.models.projector import build_projector
-    from trainer.models.vlm import Needs
 
     rev = build_projector("mlp2x_gelu", model.llm.config.hidden_size, DIM, reverse=True)
     obj_state = load_tensors(step_dir(run, 1), OBJECTIVES)
-    prefix = "distill.reverse.encoder."
+    prefix = "distill.reverse.l2.encoder."
     rev.load_state_dict({k[len(prefix) :]: v for k, v in obj_state.items() if k.startswith(prefix)})
+    seen = []
+    hook = model.llm.model.layers[-1].register_forward_hook(
+        lambda _m, _a, output: seen.append(output[0] if isinstance(output, tuple) else output)
+    )
     with torch.no_grad():
-        h = model(batch, needs=Needs(hidden_layers=(2,))).hidden_BLPd[2]
+        model(batch)
+        hook.remove()
+        start, num = int(batch["visual_start_B"][0]), batch["feats_BPD"].shape[1]
+        h = seen[0][:, start : start + num]
         expected = M.reverse_cosine(rev(h), batch["feats_BPD"])
     assert data["objectives"]["distill/reverse_cos/encoder"] == pytest.approx(expected, abs=1e-5)
 

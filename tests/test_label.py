@@ -325,7 +325,16 @@ def test_bad_inputs_are_rejects_not_failures(tmp_path, photo_dataset, words_file
         "badconv",
     ]
     # the converted ones went through the encoder as RGB of the right content: grey of the cat == cat in grey
-    assert samples["grey"]["meta"]["orig_size"] == samples["cat"]["meta"]["orig_size"]
+    from pipeline.config import LabelConfig
+    from pipeline.encoders import load_encoder
+
+    cfg = LabelConfig(encoder="tiny-clip", input="x", shards="y")  # the defaults the run above used
+    enc = load_encoder("tiny-clip", cache_dir=str(cache_dir))
+    grey_rgb = Image.open(messy.parent / "images" / "cat.jpg").convert("L").convert("RGB")
+    with torch.no_grad():
+        pixels = enc.preprocess_spec.with_aspect(cfg.image_aspect)(grey_rgb)[None]
+        want = enc(pixels, feature_layer=cfg.feature_layer).feats_BPD[0].half().float().numpy()
+    np.testing.assert_allclose(samples["grey"]["feat"].astype(np.float32), want, atol=2e-3, rtol=2e-3)
     # 16-bit = 8-bit * 257 must scale back to the identical 8-bit image, hence identical features
     np.testing.assert_array_equal(samples["grey16"]["feat"], samples["grey"]["feat"])
     assert (
@@ -342,8 +351,8 @@ def test_refuses_other_settings_unless_overwrite(tmp_path, photo_dataset, words_
     again = run_label(cfg)
     assert again["num_shards_skipped"] == 3 and again["num_images_this_run"] == 0
     with pytest.raises(SettingsMismatchError) as err:
-        run_label(dataclasses.replace(cfg, top_k=5, score="neg-cos"))
-    assert "top_k: 10 -> 5" in str(err.value) and 'score: "cos" -> "neg-cos"' in str(err.value)
+        run_label(dataclasses.replace(cfg, top_k=5, score="cos"))
+    assert "top_k: 10 -> 5" in str(err.value) and 'score: "neg-cos" -> "cos"' in str(err.value)
     assert {p.name: p.read_bytes() for p in sorted((tmp_path / "out").glob("shard-*.tar"))} == first
     run_label(dataclasses.replace(cfg, top_k=5, overwrite=True))
     m = S.read_manifest(tmp_path / "out")

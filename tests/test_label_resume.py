@@ -18,6 +18,7 @@ import pytest
 
 from pipeline.config import LabelConfig
 from pipeline.driver import run_label
+from pipeline.task import available_cores
 from visalign import shards as S
 
 REPO = Path(__file__).resolve().parent.parent
@@ -181,6 +182,11 @@ def test_local_cluster_equals_synchronous(tmp_path, many_photos, photo_dataset, 
     summary = run_label(LabelConfig(shards=str(tmp_path / "local"), scheduler="local", workers=1, **base))
     assert summary["num_images"] == 14 and summary["num_shards"] == 3
     _same_shards(tmp_path / "sync", tmp_path / "local")
+    # the worker computes on the machine's cores, not on the one thread Dask's nanny gives a worker
+    threads = {
+        json.loads(p.read_text())["timing"]["threads"] for p in (tmp_path / "local").glob("shard-*.json")
+    }
+    assert threads == {available_cores()}
 
 
 def _free_port() -> int:

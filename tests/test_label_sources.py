@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tarfile
@@ -193,10 +194,14 @@ def test_sample_keys_tar_safe_and_distinct():
     assert keys[0] == "plain_id-1" and keys[2] == "a_b"
     assert len(set(keys)) == len(ids)
     assert all("." not in k and "/" not in k and " " not in k for k in keys)
-    assert sample_key("a.b") == sample_key("a.b"), "deterministic"
+    # a fixed formula (resume across processes and machines needs the same key for the same id)
+    assert keys[1] == "a_b_" + hashlib.sha1(b"a.b").hexdigest()[:8]
+    assert sample_key("x" * 120) == "x" * 120
+    assert sample_key("x" * 121) == "x" * 100 + "_" + hashlib.sha1(b"x" * 121).hexdigest()[:8]
 
 
 def test_listing_digest_changes_with_content():
     a = [{"id": "1", "source": "s"}]
     b = [{"id": "1", "source": "t"}]
-    assert listing_digest(a) == listing_digest([dict(a[0])]) != listing_digest(b)
+    assert listing_digest(a) != listing_digest(b)
+    assert listing_digest(a) != listing_digest([{**a[0], "reject": "missing file"}])

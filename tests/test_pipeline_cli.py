@@ -47,6 +47,8 @@ def labelled(tmp_path_factory, photo_dataset, cache_dir):
             "3",
             "--top-k",
             "5",
+            "--score",
+            "cos",
             "--progress",
             "false",
             "--cache-dir",
@@ -58,16 +60,19 @@ def labelled(tmp_path_factory, photo_dataset, cache_dir):
 
 
 def test_label_writes_contract_files(labelled):
-    for name in (S.MANIFEST, S.WORDLIST, S.REJECTS, S.CONFIG, "shard-000000.tar", "shard-000002.tar"):
-        assert (labelled / name).is_file(), name
-    cfg = (labelled / S.CONFIG).read_text()
-    assert "encoder: tiny-clip" in cfg and "top_k: 5" in cfg, "the preset + flags resolved into config.yaml"
+    import pyarrow.parquet as pq
+    import yaml
+
+    cfg = yaml.safe_load((labelled / S.CONFIG).read_text())
+    assert (cfg["top_k"], cfg["samples_per_shard"]) == (5, 3)  # flags beat label-demo.yaml (10, 100)
+    assert (cfg["encoder"], cfg["backend"], cfg["batch_size"]) == ("tiny-clip", "hf", 16)  # from the preset
+    assert pq.read_table(labelled / S.REJECTS).num_rows == 0
 
 
 def test_info(labelled, capsys):
     assert main(["info", str(labelled)]) == 0
     text = capsys.readouterr().out
-    assert "tiny-clip" in text and "top-5 by cos" in text and "20 words" in text
+    assert "tiny-clip" in text and "top-5 by cos (given)" in text and "20 words" in text
     assert "9 in 3 shards (7 with an image, 2 text-only), 0 rejects" in text
     sizes = sum((labelled / f"shard-{i:06d}.tar").stat().st_size for i in range(3))
     assert f"{sizes / 1e3:.2f} kB of shards ({sizes / 7 / 1e3:.2f} kB per image sample)" in text
@@ -76,7 +81,7 @@ def test_info(labelled, capsys):
 
 def test_text_only_samples_in_the_shards_and_manifest(labelled):
     m = S.read_manifest(labelled)
-    assert (m.num_samples, m.num_text_only, m.schema_version) == (9, 2, 2)
+    assert (m.num_samples, m.num_text_only, m.schema_version) == (9, 2, 3)
     per_shard = []
     for info, path in zip(m.shards, m.shard_paths(labelled)):
         samples = list(S.iter_tar(path))

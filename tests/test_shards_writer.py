@@ -92,7 +92,7 @@ def test_text_only_sample_has_no_source(tmp_path):
     assert not (tmp_path / "shard-000000.tar").exists() and not list(tmp_path.glob("*.tmp"))
 
 
-def test_schema_1_and_2_manifests_read_back():
+def test_schema_1_2_and_3_manifests_read_back():
     encoder = {
         "name": "clip", "backend": "hf", "fingerprint": "f", "image_size": 336, "feature_layer": -2,
         "patch_grid": [24, 24], "feature_dim": 1024, "joint_dim": 768,
@@ -115,6 +115,9 @@ def test_schema_1_and_2_manifests_read_back():
 
     assert view_geometry(m1) == (336, "shortest", "floor", "crop", None), "schema 1: the family's geometry"
     v2 = json.loads(json.dumps(m1.to_dict()))
+    for added_in_3 in ("score_source", "feature_surgery", "stores_images"):  # a schema-2 writer knew none
+        del v2[added_in_3]
+    del v2["encoder"]["dense"], v2["encoder"]["surgery_depth"]
     v2["schema_version"] = 2
     v2["num_text_only"] = 2
     v2["shards"][0].update(num_text_only=2, num_bytes=1234)
@@ -126,5 +129,21 @@ def test_schema_1_and_2_manifests_read_back():
     m2 = S.Manifest.from_dict(v2)
     assert (m2.num_text_only, m2.shards[0].num_bytes) == (2, 1234)
     assert view_geometry(m2) == (336, "shortest", "floor", "pad", (122, 116, 104))
+    assert (m2.score_source, m2.feature_surgery, m2.stores_images, m2.encoder.dense) == (
+        None,
+        False,
+        False,
+        None,
+    )
+    v3 = {**v2, "schema_version": 3, "score_source": "family-default", "stores_images": True}
+    v3["encoder"] = {**v2["encoder"], "dense": "surgery", "surgery_depth": 6}
+    v3["experts"] = [
+        {"name": "dino", "backend": "hf", "fingerprint": "e", "feature_layer": -2, "patch_grid": [16, 16],
+         "feature_dim": 768, "path": "/m/dino", "preprocess": {"kind": "hf-image-processor"},
+         "model_type": "dinov2", "prefix_tokens": 1}
+    ]  # fmt: skip
+    m3 = S.Manifest.from_dict(v3)
+    assert (m3.score_source, m3.stores_images, m3.encoder.surgery_depth) == ("family-default", True, 6)
+    assert m3.experts[0].model_type == "dinov2" and m3.experts[0].prefix_tokens == 1
     with pytest.raises(S.ShardFormatError, match="relabel"):
-        S.Manifest.from_dict({**v2, "schema_version": 3})
+        S.Manifest.from_dict({**v3, "schema_version": 4})

@@ -4,6 +4,7 @@
     trainer export   RUN --format hf-llava|llava-projector --out DIR [--checkpoint STEP] [--dtype bf16]
     trainer eval     RUN --shards OUT --out DIR [--samples N] [--layers 0,8,16]
     trainer compare  RUN_A RUN_B --shards OUT --out DIR
+    trainer sample   OUT KEY --llm NAME [--conv-template vicuna_v1] [--json]   (one sample as trained on)
 
 ``run`` flags are the ``TrainConfig`` fields (``--optim.lr``), plus the short aliases in ``ALIASES``
 (``--lr``); ``eval``/``compare`` flags are the ``EvalConfig`` fields. Errors and exit codes are those of

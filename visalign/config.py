@@ -95,6 +95,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             (item_tp, *_) = typing.get_args(tp) or (Any,)
             if isinstance(value, str):
                 value = [v for v in value.split(",") if v != ""]
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = [value]  # `layer: 28` in YAML is the one-item list [28]
             items = [_coerce(v, item_tp, where) if item_tp is not Any else v for v in value]
             return items if origin is list else tuple(items)
         if origin is dict or tp is dict:

@@ -3,8 +3,14 @@
 Names: ``tiny-clip``, ``tiny-siglip`` (random-init, built once into the cache, both backends),
 ``random-vit-b16`` (CLIP ViT-B/16 sizes, random init, hf), ``clip`` (CLIP ViT-L/14-336, LLaVA-1.5's tower),
 ``siglip`` (SigLIP-SO400M/14-384). A local HF CLIP/SigLIP checkpoint folder is accepted as a name too.
-Backends: ``hf`` (transformers, the default) and ``open_clip``. Options: ``dense`` ("none" | "maskclip",
-CLIP towers) and ``text_context`` (truncate the CLIP text context for speed on single words).
+Backends: ``hf`` (transformers, the default) and ``open_clip``. Options: ``dense`` ("none" | "maskclip" |
+"surgery", CLIP towers), ``surgery_depth`` (with "surgery") and ``text_context`` (truncate the CLIP text
+context for speed on single words). ``encoder_family`` tells a CLIP tower from a SigLIP one without loading
+it (the label score's default follows the family).
+
+Experts (``--experts``): ``parse_expert`` reads ``[NAME=]SOURCE``, where SOURCE is a name above, a local HF
+CLIP/SigLIP folder, or ``hf:<folder or hub id>`` for any HF vision backbone (``backbone.py``: DINOv2, SAM's
+ViT, SigLIP/CLIP vision towers, ...); ``load_expert`` loads it.
 
 Only torch/transformers-level imports happen here; open_clip and timm are imported inside the open_clip
 backend when it is asked for, so the trainer (which imports this for export) never pulls them.
@@ -12,6 +18,8 @@ backend when it is asked for, so the trainer (which imports this for export) nev
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from pathlib import Path
 
 from pipeline.encoders.base import BACKENDS, DENSE_MODES, EncoderError, EncoderOutput, VisionEncoder
@@ -24,8 +32,12 @@ __all__ = [
     "ENCODERS",
     "EncoderError",
     "EncoderOutput",
+    "ExpertSpec",
     "VisionEncoder",
+    "encoder_family",
     "load_encoder",
+    "load_expert",
+    "parse_expert",
 ]
 
 ENCODERS = Registry("encoder")
@@ -149,9 +161,9 @@ def load_encoder(
 
     ``path`` points a registry name at local weights (HF folder; open_clip weights file); ``cache_dir``
     is where tiny towers are built (default ``default_cache_dir()``).
-    ``options``: ``dense``, ``text_context``.
+    ``options``: ``dense``, ``surgery_depth``, ``text_context``.
     """
-    valid_options = {"dense", "text_context"}
+    valid_options = {"dense", "text_context", "surgery_depth"}
     unknown = sorted(set(options) - valid_options)
     if unknown:
         raise EncoderError(f"unknown encoder option(s) {unknown}; valid options: {sorted(valid_options)}")
@@ -169,3 +181,85 @@ def load_encoder(
             raise UnknownNameError(f"{err}; or pass a local HF CLIP/SigLIP checkpoint folder") from None
     encoder = ENCODERS[name](backend=backend, path=path, cache_dir=cache_dir, **options)
     return encoder.eval().requires_grad_(False)
+
+
+FAMILY_OF_NAME = {
+    "tiny-clip": "clip",
+    "random-vit-b16": "clip",
+    "clip": "clip",
+    "tiny-siglip": "siglip",
+    "siglip": "siglip",
+}
+
+
+def encoder_family(name: str) -> str:
+    """``clip`` or ``siglip`` for a registry name or a local HF checkpoint folder, without loading weights."""
+    if name in FAMILY_OF_NAME:
+        return FAMILY_OF_NAME[name]
+    if Path(name).is_dir():
+        from pipeline.encoders.hf import read_model_type
+
+        return read_model_type(name)
+    ENCODERS[name]  # raises UnknownNameError listing the valid names
+    raise EncoderError(f"encoder {name!r}: its family (clip or siglip) is not known")
+
+
+# ---- experts ---------------------------------------------------------------------------------------------
+EXPERT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+"""expert names become tar members ``expert.<name>.npy``: no dots, slashes or spaces"""
+RESERVED_EXPERT_NAMES = ("encoder",)
+"""``encoder`` is the distillation target name of the labelling tower itself"""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertSpec:
+    name: str
+    """the name in the shards (``expert.<name>.npy``) and the manifest"""
+    source: str
+    """a registry name, a local HF CLIP/SigLIP folder, or ``hf:<folder or hub id>``"""
+
+    @property
+    def is_backbone(self) -> bool:
+        from pipeline.encoders.backbone import HF_PREFIX
+
+        return self.source.startswith(HF_PREFIX)
+
+
+def parse_expert(spec: str) -> ExpertSpec:
+    """``[NAME=]SOURCE`` -> ``ExpertSpec``. Without ``NAME=`` the name is the registry name, or the last part
+    of a folder / hub id with characters outside ``[A-Za-z0-9_-]`` made ``_`` (``hf:facebook/dinov2-small``
+    -> ``dinov2-small``)."""
+    from pipeline.encoders.backbone import HF_PREFIX
+
+    spec = str(spec).strip()
+    name, sep, source = spec.partition("=")
+    if not sep or not EXPERT_NAME.match(name):
+        name, source = "", spec
+    where = f"--experts {spec!r}"
+    if source.startswith(HF_PREFIX):
+        target = source[len(HF_PREFIX) :].strip()
+        if not target:
+            raise EncoderError(f"{where}: hf: needs a folder or hub id after it (hf:/models/dinov2-small)")
+        source = HF_PREFIX + target
+        default = target.rstrip("/\\").replace("\\", "/").split("/")[-1]
+    elif source in ENCODERS:
+        default = source
+    else:
+        default = source.rstrip("/").split("/")[-1]
+    name = name or re.sub(r"[^A-Za-z0-9_-]", "_", default)
+    if not EXPERT_NAME.match(name) or name in RESERVED_EXPERT_NAMES:
+        raise EncoderError(
+            f"{where}: expert name {name!r} cannot be used (letters, digits, '_' and '-' only; "
+            f"{', '.join(RESERVED_EXPERT_NAMES)} is reserved): give one with NAME=SOURCE"
+        )
+    return ExpertSpec(name=name, source=source)
+
+
+def load_expert(spec: ExpertSpec | str, cache_dir: str | None = None):
+    """The expert's model, eval mode, no grad: an ``HFBackbone`` for ``hf:``, else a ``VisionEncoder``."""
+    spec = parse_expert(spec) if isinstance(spec, str) else spec
+    if spec.is_backbone:
+        from pipeline.encoders.backbone import HF_PREFIX, HFBackbone
+
+        return HFBackbone(spec.name, spec.source[len(HF_PREFIX) :]).eval().requires_grad_(False)
+    return load_encoder(spec.source, cache_dir=cache_dir)

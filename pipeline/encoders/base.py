@@ -6,7 +6,9 @@ A ``VisionEncoder`` takes images and returns, from ONE forward of the vision tow
   indexing: 0 = embeddings after the pre-norm, -1 = last block, default -2 = second-to-last), patch tokens
   only;
 * ``joint_BPE``: per-patch embeddings in the joint image-text space (not normalised), comparable with
-  ``encode_text`` output for patch labelling.
+  ``encode_text`` output for patch labelling;
+* ``image_BE`` (CLIP towers): the image's own embedding in that space (the class token through the final
+  norm and projection, as CLIP computes it), which CLIP Surgery's feature surgery weighs the words with.
 
 Each encoder carries a ``Preprocess`` (``visalign.images``: PIL image -> normalised tensor with the backend's
 own arithmetic, thread-safe, no model) and a fingerprint (``visalign.hashing``) recorded in the manifest.
@@ -31,7 +33,8 @@ from visalign.images import Preprocess
 from visalign.shards import EncoderInfo
 
 BACKENDS = ("hf", "open_clip")
-DENSE_MODES = ("none", "maskclip")
+DENSE_MODES = ("none", "maskclip", "surgery")
+FAMILIES = ("clip", "siglip")
 
 
 class EncoderError(VisalignError):
@@ -42,8 +45,10 @@ class EncoderError(VisalignError):
 class EncoderOutput:
     feats_BPD: Tensor
     """hidden states of layer ``feature_layer``, patch tokens only (no CLS), in the model's dtype"""
-    joint_BPE: Tensor
-    """per-patch embeddings in the joint image-text space, not normalised"""
+    joint_BPE: Tensor | None
+    """per-patch embeddings in the joint image-text space, not normalised (None for feature-only experts)"""
+    image_BE: Tensor | None = None
+    """CLIP towers: the image embedding (class token -> final norm -> projection), not normalised"""
 
 
 class VisionEncoder(nn.Module, abc.ABC):
@@ -61,7 +66,11 @@ class VisionEncoder(nn.Module, abc.ABC):
     joint_dim: int
     num_layers: int
     path: str | None
+    family: str
+    """clip (a class token, projection head) or siglip (no class token, MAP head): decides the defaults"""
     dense: str = "none"
+    surgery_depth: int | None = None
+    """with ``dense="surgery"``: the blocks that got the v-v path (requested depth clamped to the tower)"""
     text_context: int | None = None
     preprocess_spec: Preprocess
 
@@ -150,6 +159,8 @@ class VisionEncoder(nn.Module, abc.ABC):
                 joint_dim=int(self.joint_dim),
                 path=self.path,
                 preprocess=self.preprocess_spec.to_dict(),
+                dense=self.dense,
+                surgery_depth=self.surgery_depth,
             )
         )
 
@@ -163,15 +174,36 @@ class VisionEncoder(nn.Module, abc.ABC):
             f"patch_grid={tuple(self.patch_grid)}, feature_dim={self.feature_dim}, "
             f"joint_dim={self.joint_dim}, "
             f"dense={self.dense!r}"
+            + (f", surgery_depth={self.surgery_depth}" if self.surgery_depth is not None else "")
+        )
+
+    def set_dense(self, dense: str, surgery_depth: int | None) -> None:
+        """Record the dense mode (and, for surgery, the effective depth) after ``check_options``."""
+        from pipeline.encoders.surgery import SURGERY_DEPTH, effective_depth
+
+        self.dense = dense
+        self.surgery_depth = (
+            effective_depth(self.num_layers, surgery_depth if surgery_depth is not None else SURGERY_DEPTH)
+            if dense == "surgery"
+            else None
         )
 
 
-def check_options(name: str, dense: str, text_context: int | None, is_clip: bool) -> None:
+def check_options(
+    name: str, dense: str, text_context: int | None, is_clip: bool, surgery_depth: int | None = None
+) -> None:
     """Clear errors for options a tower cannot honour."""
     if dense not in DENSE_MODES:
         raise EncoderError(f"dense={dense!r} for {name}: use one of {list(DENSE_MODES)}")
     if dense != "none" and not is_clip:
-        raise EncoderError(f"dense={dense!r} is for CLIP towers; {name} is SigLIP-style: use dense='none'")
+        raise EncoderError(
+            f"dense={dense!r} is defined for CLIP towers (a class token and q-k attention to replace); "
+            f"{name} is SigLIP-style: use dense='none'"
+        )
+    if surgery_depth is not None and dense != "surgery":
+        raise EncoderError(f"surgery_depth={surgery_depth} for {name}: it applies to dense='surgery' only")
+    if surgery_depth is not None and (isinstance(surgery_depth, bool) or int(surgery_depth) < 1):
+        raise EncoderError(f"surgery_depth={surgery_depth}: the v-v path needs at least one block")
     if text_context is not None:
         if not is_clip:
             raise EncoderError(

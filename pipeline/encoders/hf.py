@@ -6,7 +6,9 @@ whose single vision forward gives the LLaVA features and the joint-space patch e
 
 * CLIP:   feats = ``hidden_states[layer][:, 1:]``;
           joint = ``visual_projection(post_layernorm(hidden_states[-1][:, 1:]))``;
-          ``dense="maskclip"`` recomputes the last block with its attention replaced by the value path.
+          ``dense="maskclip"`` recomputes the last block with its attention replaced by the value path;
+          ``dense="surgery"`` takes the patches of CLIP Surgery's v-v path (``surgery.py``) instead;
+          image = ``visual_projection(post_layernorm(hidden_states[-1][:, 0]))`` (CLIP's image embedding).
 * SigLIP: feats = ``hidden_states[layer]`` (no CLS);
           joint = ``head(post_layernorm(hidden_states[-1]))`` applied to every token as a length-1 sequence.
 
@@ -26,6 +28,7 @@ import torch
 from torch import Tensor
 
 from pipeline.encoders.base import EncoderError, EncoderOutput, VisionEncoder, check_options
+from pipeline.encoders.surgery import hf_surgery_tokens
 from visalign.hashing import hf_identity_config
 from visalign.images import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, Preprocess
 
@@ -79,6 +82,7 @@ class HFVisionEncoder(VisionEncoder):
         dense: str = "none",
         text_context: int | None = None,
         model_type: str | None = None,
+        surgery_depth: int | None = None,
     ):
         super().__init__()
         from transformers import AutoTokenizer
@@ -88,7 +92,7 @@ class HFVisionEncoder(VisionEncoder):
         if model_type not in HF_MODEL_TYPES:
             raise EncoderError(f"{name}: cannot tell whether {path} is a CLIP or SigLIP model")
         is_clip = model_type == "clip"
-        check_options(name, dense, text_context, is_clip)
+        check_options(name, dense, text_context, is_clip, surgery_depth)
         if is_clip:
             from transformers import CLIPModel as model_cls
         else:
@@ -104,7 +108,7 @@ class HFVisionEncoder(VisionEncoder):
         self.model_type = model_type
         self.name = name
         self.path = str(path)
-        self.dense = dense
+        self.family = model_type
         self.text_context = int(text_context) if text_context is not None else None
         vision_config = self.model.config.vision_config
         self.image_size = int(vision_config.image_size)
@@ -112,6 +116,7 @@ class HFVisionEncoder(VisionEncoder):
         self.patch_grid = (side, side)
         self.feature_dim = int(vision_config.hidden_size)
         self.num_layers = int(vision_config.num_hidden_layers)
+        self.set_dense(dense, surgery_depth)
         self.num_prefix = 1 if is_clip else 0  # CLIP prepends a CLS token; SigLIP has none
         self.joint_dim = int(self.model.config.projection_dim) if is_clip else self.feature_dim
         self.preprocess_spec = _image_processor_spec(model_type, vision_config, path if local else None)
@@ -126,11 +131,15 @@ class HFVisionEncoder(VisionEncoder):
         feats_BPD = states_BTD[feature_layer][:, self.num_prefix :]
         last_BTD = states_BTD[-1]
         if self.model_type == "clip":
+            project = self.model.visual_projection
+            image_BE = project(vision.post_layernorm(last_BTD[:, 0]))
             if self.dense == "maskclip":
                 last_BTD = maskclip_hf_layer(vision.encoder.layers[-1], states_BTD[-2])
-            joint_BPE = self.model.visual_projection(vision.post_layernorm(last_BTD[:, 1:]))
-        else:
-            joint_BPE = siglip_head_per_token(vision.head, vision.post_layernorm(last_BTD))
+            elif self.dense == "surgery":
+                last_BTD = hf_surgery_tokens(vision.encoder.layers, states_BTD, self.surgery_depth)
+            joint_BPE = project(vision.post_layernorm(last_BTD[:, 1:]))
+            return EncoderOutput(feats_BPD=feats_BPD, joint_BPE=joint_BPE, image_BE=image_BE)
+        joint_BPE = siglip_head_per_token(vision.head, vision.post_layernorm(last_BTD))
         return EncoderOutput(feats_BPD=feats_BPD, joint_BPE=joint_BPE)
 
     # ------------------------------------------------------------------ text

@@ -7,7 +7,9 @@ Output: an eval-mode encoder whose one tower pass (a block loop equivalent to th
 
 * CLIP tower (``open_clip.transformer.VisionTransformer``): feats = block output ``layer`` minus CLS;
   joint = ``ln_post(last[:, 1:]) @ proj`` (the ``output_tokens`` patch tokens through the projection);
-  ``dense="maskclip"`` recomputes the last block with the value path instead of q-k attention.
+  ``dense="maskclip"`` recomputes the last block with the value path instead of q-k attention;
+  ``dense="surgery"`` takes the patches of CLIP Surgery's v-v path (``surgery.py``);
+  image = ``ln_post(last[:, 0]) @ proj`` (``encode_image`` of a class-token-pooled tower).
 * SigLIP-style timm tower (``TimmModel`` with ``global_pool="map"``): feats = block output ``layer``;
   joint = ``attn_pool(norm(last))`` on each token as a length-1 sequence (then the adapter head, empty here).
 
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.encoders.base import EncoderError, EncoderOutput, VisionEncoder, check_options
+from pipeline.encoders.surgery import openclip_surgery_tokens
 from visalign.images import Preprocess
 
 
@@ -42,6 +45,7 @@ class OpenCLIPVisionEncoder(VisionEncoder):
         dense: str = "none",
         text_context: int | None = None,
         path: str | None = None,
+        surgery_depth: int | None = None,
     ):
         super().__init__()
         import open_clip
@@ -66,12 +70,23 @@ class OpenCLIPVisionEncoder(VisionEncoder):
             raise EncoderError(
                 f"{name}: open_clip tower {type(visual).__name__} is neither a ViT nor a timm ViT"
             )
-        check_options(name, dense, text_context, self.is_clip)
+        check_options(name, dense, text_context, self.is_clip, surgery_depth)
+        # CLIP's image embedding is ln_post(class token) @ proj; other poolings have no such token
+        self.cls_pooled = self.is_clip and not (
+            getattr(visual, "attn_pool", None) is not None
+            or getattr(visual, "pool_type", "tok") != "tok"
+            or getattr(visual, "final_ln_after_pool", False)
+        )
+        if dense == "surgery" and self.is_clip and not self.cls_pooled:
+            raise EncoderError(
+                f"{name}: dense='surgery' needs a tower whose image embedding is its class token through "
+                "ln_post (this open_clip tower pools otherwise); use dense='none' or 'maskclip'"
+            )
         self.name = name
+        self.family = "clip" if self.is_clip else "siglip"
         self.path = (
             path if path is not None else (pretrained if pretrained and Path(pretrained).exists() else None)
         )
-        self.dense = dense
         self.text_context = int(text_context) if text_context is not None else None
         if self.is_clip:
             self.blocks = list(visual.transformer.resblocks)
@@ -96,6 +111,7 @@ class OpenCLIPVisionEncoder(VisionEncoder):
             grid = tuple(trunk.patch_embed.grid_size)
         self.patch_grid = (int(grid[0]), int(grid[1]))
         self.num_layers = len(self.blocks)
+        self.set_dense(dense, surgery_depth)
         cfg = visual.preprocess_cfg
         size = cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][0]
         if cfg.get("interpolation", "bicubic") != "bicubic" or cfg.get("resize_mode", "shortest") not in (
@@ -138,10 +154,22 @@ class OpenCLIPVisionEncoder(VisionEncoder):
         feats_BPD = states_BTD[feature_layer][:, self.num_prefix :]
         if self.is_clip:
             last_BTD = states_BTD[-1]
+
+            def project(tokens_BXD: Tensor) -> Tensor:
+                normed = visual.ln_post(tokens_BXD)
+                return normed @ visual.proj if visual.proj is not None else normed
+
+            image_BE = project(last_BTD[:, 0]) if self.cls_pooled else None
             if self.dense == "maskclip":
                 last_BTD = maskclip_openclip_block(self.blocks[-1], states_BTD[-2])
-            patches_BPD = visual.ln_post(last_BTD[:, 1:])
-            joint_BPE = patches_BPD @ visual.proj if visual.proj is not None else patches_BPD
+            elif self.dense == "surgery":
+                if not all(isinstance(b.attn, torch.nn.MultiheadAttention) for b in self.blocks):
+                    raise EncoderError(
+                        "dense='surgery' needs standard open_clip ViT blocks (packed nn.MultiheadAttention)"
+                    )
+                last_BTD = openclip_surgery_tokens(self.blocks, states_BTD, self.surgery_depth)
+            joint_BPE = project(last_BTD[:, 1:])
+            return EncoderOutput(feats_BPD=feats_BPD, joint_BPE=joint_BPE, image_BE=image_BE)
         else:
             trunk = visual.trunk
             tokens_BPD = trunk.norm(states_BTD[-1])[:, self.num_prefix :]

@@ -44,16 +44,11 @@ def caption_token_ids(batch: Mapping[str, Any], special_ids: Iterable[int] = ())
 
 
 def final_norm_of(llm: torch.nn.Module) -> torch.nn.Module | None:
-    """The LLM's final norm (the one before the LM head), or None if this architecture hides it."""
-    for path in ("model.norm", "model.final_layernorm", "transformer.ln_f", "norm"):
-        mod = llm
-        for part in path.split("."):
-            mod = getattr(mod, part, None)
-            if mod is None:
-                break
-        if isinstance(mod, torch.nn.Module):
-            return mod
-    return None
+    """The LLM's final norm (the one before the LM head), or None if this architecture hides it: the one
+    ``VisualLM`` hooks for the pre-norm last layer, so both read the same module."""
+    from trainer.models.vlm import final_norm
+
+    return final_norm(llm)
 
 
 def layer_states(out: Any, layers: Iterable[int], num_layers: int, norm: torch.nn.Module | None):
@@ -117,8 +112,10 @@ def evaluate_batches(
     num_layers = int(model.llm.config.get_text_config().num_hidden_layers)
     layers = sorted(set(layers)) if layers is not None else list(range(num_layers + 1))
     needs = Needs(hidden_layers=tuple(layer for layer in layers if layer > 0))
-    for obj in (objectives or {}).values():  # e.g. the distill objective's own layer
-        needs = needs.union(Needs(hidden_layers=obj.needs.hidden_layers))
+    for obj in (objectives or {}).values():  # e.g. the distill objective's own layers (no attention capture)
+        needs = needs.union(
+            Needs(hidden_layers=obj.needs.hidden_layers, final_norm_input=obj.needs.final_norm_input)
+        )
     norm = final_norm_of(model.llm) if lens == "norm" else None
     ks = sorted({1, min(10, top_k), top_k})
     was_training = model.training

@@ -10,6 +10,8 @@ manifest order (deterministic). Output under ``--out DIR``:
     curves.png              per-layer curves of the measures
     words-<key>-l<L>.png    the sample's image with each patch's nearest word (SEA Figure 1 style) at the
                             projector output and the chosen --layers
+    probe.jsonl, probe.md   with --probe N: BASIC's Figure-3 probe (``trainer/evaluate/probe.py``): what the
+                            LLM generates when every visual token is replaced by its nearest token embedding
 
 ``trainer compare RUN_A RUN_B`` evaluates both on the same samples and writes the side-by-side word pictures,
 ``metrics.md``/``metrics.png`` (one table) and overlaid curves. Definitions and choices: docs/eval.md.
@@ -58,6 +60,20 @@ class EvalConfig:
     """the consistency score averages this many highest per-token maxima"""
     device: str = "auto"
     """'auto' (cuda if available), 'cpu', 'cuda', ..."""
+    probe: int = 0
+    """BASIC's Figure-3 probe on this many of the samples (0 = off): every visual token replaced by the input
+    embedding of its nearest vocabulary token (cosine), then the LLM generates; written to probe.jsonl/.md"""
+    probe_prompt: str = "Describe the image."
+    """the probe's instruction (chat formats; the plain format has none and continues from the image)"""
+    probe_tokens: int = 32
+    """tokens the probe generates per sample (greedy)"""
+
+    def __post_init__(self):
+        if self.probe < 0 or self.probe_tokens < 1:
+            raise ConfigError(
+                f"--probe {self.probe} --probe-tokens {self.probe_tokens}: give --probe >= 0 samples and "
+                "--probe-tokens >= 1"
+            )
 
 
 def _jsonable(x):
@@ -184,8 +200,29 @@ def evaluate_run(
         consistency_top=cfg.consistency_top,
         keep_nearest=cfg.pictures,
     )
+    if cfg.probe:
+        result["probe"] = probe_records(cfg, run, samples[: cfg.probe], manifest)
     num_layers = int(run.vlm.llm.config.get_text_config().num_hidden_layers)
     return Evaluation(Path(cfg.run).name, run.step, result, num_layers), samples, manifest
+
+
+def probe_records(
+    cfg: EvalConfig, run: Any, samples: list[dict[str, Any]], manifest: Any
+) -> list[dict[str, Any]]:
+    """BASIC's Figure-3 probe on ``samples`` with the run's own text format."""
+    from trainer.data.collate import Collator, SampleTransform
+    from trainer.data.conversations import Formatter
+    from trainer.evaluate.probe import probe_sample
+
+    train_cfg = run.train_cfg
+    formatter = Formatter(
+        run.tokenizer, manifest.num_patches, _resolve_format(train_cfg), train_cfg.data.max_length
+    )
+    transform, collate = SampleTransform(formatter), Collator(formatter.pad_id, manifest)
+    return [
+        probe_sample(run.vlm, run.tokenizer, sample, transform, collate, cfg.probe_prompt, cfg.probe_tokens)
+        for sample in samples
+    ]
 
 
 def _payload(cfg: EvalConfig, ev: Evaluation, pictures: list[str]) -> dict[str, Any]:
@@ -225,6 +262,10 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     curves = {ev.name: _curves(ev.result)}
     plot_layer_curves(curves, out / "curves.png", title=f"{title}: {ev.result['counts']['samples']} samples")
     payload = _payload(cfg, ev, names + ["curves.png"])
+    if "probe" in ev.result:
+        from trainer.evaluate.probe import write_probe
+
+        payload["probe"] = write_probe(out, ev.result["probe"], tuple(manifest.encoder.patch_grid), title)
     write_metrics(out / "metrics.json", payload)
     return payload
 
@@ -257,6 +298,8 @@ def run_compare(cfg_a: EvalConfig, cfg_b: EvalConfig) -> dict[str, Any]:
     """`trainer compare`: both runs on the same samples; side-by-side words, one table, overlaid curves."""
     from trainer.evaluate.pictures import markdown_table, plot_layer_curves, side_by_side, table_png
 
+    if cfg_a.probe:
+        raise ConfigError("--probe is a `trainer eval` option: run trainer eval on each run for the probe")
     out = Path(cfg_a.out)
     out.mkdir(parents=True, exist_ok=True)
     ev_a, samples, manifest = evaluate_run(cfg_a)

@@ -1,15 +1,19 @@
 """The one place a trainable model is built: from a config for training, from a checkpoint for everything else.
 
-* ``build_train_module(cfg, manifest, shards_root)``: LLM + projector + objective modules as one
-  ``TrainModule``, the stage applied (what trains), for ``trainer run``;
+* ``build_train_module(cfg, manifest, shards_root)``: LLM + projector + objective modules (+ LoRA adapters)
+  as one ``TrainModule``, the stage applied (what trains), for ``trainer run``;
 * ``init_projector(module, source, ...)``: ``--init-projector`` (a stage-1 projector into a stage-2 run);
-* ``load_checkpoint_weights(module, ckpt)``: a checkpoint's trained tensors into a built module (resume);
 * ``load_trained(run_or_ckpt, ...)``: a run's model rebuilt from its checkpoint (the resolved config it records)
-  for ``trainer eval``, ``trainer export`` and the tests, optionally with its objective modules.
+  for ``trainer eval``, ``trainer export`` and the tests, optionally with its objective modules; LoRA
+  adapters are merged into the LLM, so what comes back is always a plain LLM.
 
-Checkpoint tensors (``trainer/checkpoint.py``): ``model.safetensors`` holds the trainable ``VisualLM``
-parameters (``projector.*``; ``llm.*`` after a finetune stage), ``objectives.safetensors`` the objective
-modules' state (SEA's temperature, the reverse projectors).
+Checkpoint tensors (``trainer/checkpoint.py``, gathered or sharded, read whole by ``read_weights``): the
+trainable ``VisualLM`` parameters (``projector.*``; ``llm.*`` after a finetune stage, only the adapters with
+LoRA) and the objective modules' state (SEA's temperature, the reverse projectors).
+
+Weights dtype (``--model.dtype``): the LLM is loaded in that dtype when none of its weights train in full
+(stage 1; LoRA's base weights), in float32 otherwise: trainable weights always keep float32 master copies.
+``load_trained`` always loads float32 (evaluation and export of exactly the trained values).
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ from visalign.config import ConfigError, from_dict
 from visalign.shards import Manifest, ShardFormatError, read_manifest
 
 log = logging.getLogger(__name__)
+
+LORA_SEED_OFFSET = 7919
+"""the LoRA adapters are drawn from seed + this: not the projector's stream"""
 
 
 class TrainModule(nn.Module):
@@ -54,6 +61,14 @@ class TrainModule(nn.Module):
             report.update(obj_report)
         return losses, report
 
+    def evaluate(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The `trainer eval` measures (``evaluate_batches``) on this module's current weights. A method of the
+        module (not a call into ``self.vlm`` from outside) so that a sharded module can gather its weights
+        for it exactly as for ``forward`` (``trainer.parallel`` registers it with FSDP)."""
+        from trainer.evaluate.measure import evaluate_batches
+
+        return evaluate_batches(self.vlm, self.objectives, **inputs)
+
 
 def check_manifest_against(recorded: dict[str, Any], manifest: Manifest, what: str) -> None:
     """Refuse shards from another encoder / word list / feature width than ``recorded`` (a checkpoint's)."""
@@ -70,7 +85,18 @@ def check_manifest_against(recorded: dict[str, Any], manifest: Manifest, what: s
             )
 
 
-def load_llm_checked(cfg: Any):
+def llm_dtype(cfg: Any, training: bool) -> torch.dtype:
+    """The dtype the LLM is loaded in: ``--model.dtype`` when no LLM weight trains in full (stage 1, LoRA's
+    base), float32 when they do (master weights) and outside training (exact evaluation / export)."""
+    from trainer.models.llm import resolve_dtype
+
+    full_finetune = cfg.stage == "finetune" and not cfg.model.lora.rank
+    if not training or full_finetune:
+        return torch.float32
+    return resolve_dtype(cfg.model.dtype)
+
+
+def load_llm_checked(cfg: Any, dtype: torch.dtype = torch.float32):
     """``load_llm`` for a TrainConfig, with a one-line error for an LLM that cannot be loaded."""
     from trainer.models.llm import load_llm
 
@@ -78,7 +104,10 @@ def load_llm_checked(cfg: Any):
         raise ConfigError("no LLM given: pass --llm NAME_OR_PATH (tiny-llm, smollm2-135m or a HF folder)")
     try:
         return load_llm(
-            cfg.model.llm, attn_implementation=cfg.model.attn_implementation, cache_dir=cfg.model.cache_dir
+            cfg.model.llm,
+            dtype=dtype,
+            attn_implementation=cfg.model.attn_implementation,
+            cache_dir=cfg.model.cache_dir,
         )
     except OSError as err:  # a hub id that is not cached offline, a broken folder
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -114,9 +143,10 @@ def build_train_module(
 ) -> tuple[TrainModule, Any]:
     """``(TrainModule, tokenizer)`` for a ``TrainConfig`` over shards described by ``manifest``.
 
-    The random initialisation (projector, then the objective modules) is drawn right after the LLM is loaded,
-    from ``cfg.seed``: the same on every rank and whether the model cache was cold or warm. ``apply_stage_to``
-    sets what trains (``trainer run``); None leaves every parameter as loaded (evaluation, export).
+    The random initialisation (projector, then the objective modules, then LoRA adapters) is drawn right after
+    the LLM is loaded, from ``cfg.seed``: the same on every rank and whether the model cache was cold or warm.
+    ``apply_stage_to`` sets what trains (``trainer run``) and the LLM's dtype (``llm_dtype``); None leaves
+    every parameter as loaded, in float32 (evaluation, export).
     """
     from accelerate.utils import set_seed
 
@@ -124,20 +154,31 @@ def build_train_module(
     from trainer.models.vlm import VisualLM, apply_stage
 
     with main_process_first():  # the first call may build a tiny model into the cache
-        llm, tokenizer = load_llm_checked(cfg)
+        llm, tokenizer = load_llm_checked(cfg, llm_dtype(cfg, training=apply_stage_to is not None))
     # building a registry model draws random numbers (or seeds its own): re-seed so the modules below start
     # the same whether the cache was cold or warm, on every rank
     set_seed(cfg.seed)
     hidden = llm.config.get_text_config().hidden_size
     projector = build_projector(cfg.model.projector, manifest.encoder.feature_dim, hidden)
     vlm = VisualLM(llm, projector, gradient_checkpointing=cfg.model.gradient_checkpointing)
-    if apply_stage_to is not None:
+    lora = cfg.model.lora
+    if apply_stage_to is not None and not lora.rank:
         apply_stage(vlm, apply_stage_to)  # logs the trainable / frozen counts
     objectives = nn.ModuleDict()
     if with_objectives:
         objectives = build_objectives(
             cfg.objective, cfg.objectives, objective_context(cfg, llm, tokenizer, manifest, shards_root)
         )
+    if lora.rank:
+        from trainer.models.lora import add_adapters, train_adapters_only
+
+        # a stream of their own (from the run seed), so the adapters start the same whichever objectives
+        # were built before them, and the global RNG is left as it was
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed + LORA_SEED_OFFSET)
+            add_adapters(llm, lora.rank, lora.alpha, lora.dropout, lora.target_modules)
+        if apply_stage_to is not None:
+            train_adapters_only(vlm)
     return TrainModule(vlm, objectives), tokenizer
 
 
@@ -151,25 +192,25 @@ def init_projector(module: TrainModule, source: str | Path, projector_name: str,
             f"{projector_name!r}; pass --projector {state.get('projector')}"
         )
     check_manifest_against(state["manifest"], manifest, f"--init-projector {ckpt}")
-    tensors = ckpt_io.load_tensors(ckpt)
+    tensors, _ = ckpt_io.read_weights(ckpt)  # either format: a stage-1 run under DDP or FSDP
     weights = {k[len("projector.") :]: v for k, v in tensors.items() if k.startswith("projector.")}
     module.vlm.projector.load_state_dict(weights, strict=True)
     log.info("projector initialised from %s", ckpt)
+    carry_objective_state(module, ckpt)
     return ckpt
 
 
-def load_checkpoint_weights(module: TrainModule, ckpt: Path, stage: str | None = None) -> None:
-    """Resume: the checkpoint's trainable tensors must be exactly this module's trainable parameters."""
-    weights = ckpt_io.load_tensors(ckpt, ckpt_io.MODEL)
-    trainable = {n for n, p in module.vlm.named_parameters() if p.requires_grad}
-    if set(weights) != trainable:
-        recorded = ckpt_io.read_state(ckpt).get("stage")
-        raise ckpt_io.CheckpointError(
-            f"{ckpt} holds weights for {len(weights)} tensors but this run trains {len(trainable)} "
-            f"(stage {stage!r} vs the checkpoint's {recorded!r}); resume with the same settings"
-        )
-    module.vlm.load_state_dict(weights, strict=False)
-    module.objectives.load_state_dict(ckpt_io.load_tensors(ckpt, ckpt_io.OBJECTIVES), strict=True)
+def carry_objective_state(module: TrainModule, ckpt: Path) -> dict[str, list[str]]:
+    """The learned objective state an earlier run's checkpoint hands on (the reverse projectors of ``distill``,
+    ``Objective.carry_over``): ``{objective: [what it took]}``. A resume overwrites it again afterwards."""
+    if not len(module.objectives):
+        return {}
+    _, tensors = ckpt_io.read_weights(ckpt)  # either format
+    carried = {}
+    for name, objective in module.objectives.items():
+        own = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}
+        carried[name] = objective.carry_over(own)
+    return carried
 
 
 @dataclasses.dataclass
@@ -197,14 +238,14 @@ def train_config_of(ckpt: Path, state: dict[str, Any]):
     """The resolved TrainConfig recorded in a checkpoint (else the run's config.yaml)."""
     import yaml
 
-    from trainer.config import TrainConfig
+    from trainer.config import TrainConfig, upgrade_recorded
 
     if "config" in state:
-        return from_dict(TrainConfig, state["config"])
+        return from_dict(TrainConfig, upgrade_recorded(state["config"]))
     config_path = ckpt.parent.parent / "config.yaml"
     if not config_path.is_file():
         raise ckpt_io.CheckpointError(f"{ckpt} records no config and {config_path} is missing")
-    return from_dict(TrainConfig, yaml.safe_load(config_path.read_text()))
+    return from_dict(TrainConfig, upgrade_recorded(yaml.safe_load(config_path.read_text())))
 
 
 def load_trained(
@@ -213,8 +254,12 @@ def load_trained(
     shards: str | Path | None = None,
     device: str | torch.device = "cpu",
     with_objectives: bool = True,
+    merge_lora: bool = True,
 ) -> LoadedRun:
     """Rebuild a run's model from its checkpoint (latest, or ``step``) exactly as ``trainer run`` built it.
+
+    Either checkpoint format (a DDP or an FSDP run) is read whole in this process. A LoRA run's adapters are
+    merged into the LLM's weights (``merge_lora=False`` keeps them as adapters: tests compare both).
 
     ``shards`` (e.g. held-out shards for ``trainer eval``) stands in for the training shards wherever an
     objective reads a manifest or word list, so a run can be evaluated on another machine; it must come from
@@ -234,14 +279,19 @@ def load_trained(
     module, tokenizer = build_train_module(
         train_cfg, manifest, shards, with_objectives=with_objectives and shards is not None
     )
-    loaded = module.vlm.load_state_dict(ckpt_io.load_tensors(ckpt), strict=False)
-    missing_projector = [k for k in loaded.missing_keys if k.startswith("projector.")]
-    if loaded.unexpected_keys or missing_projector:
+    model_tensors, objective_tensors = ckpt_io.read_weights(ckpt)
+    loaded = module.vlm.load_state_dict(model_tensors, strict=False)
+    missing_trained = [k for k in loaded.missing_keys if k.startswith("projector.") or "lora_" in k]
+    if loaded.unexpected_keys or missing_trained:
         raise ckpt_io.CheckpointError(
             f"checkpoint {ckpt} does not fit the model rebuilt from its config: unexpected "
-            f"{loaded.unexpected_keys[:5]}, missing {missing_projector[:5]}"
+            f"{loaded.unexpected_keys[:5]}, missing {missing_trained[:5]}"
         )
-    if len(module.objectives) and (ckpt / ckpt_io.OBJECTIVES).is_file():
-        module.objectives.load_state_dict(ckpt_io.load_tensors(ckpt, ckpt_io.OBJECTIVES), strict=True)
+    if len(module.objectives) and objective_tensors:
+        module.objectives.load_state_dict(objective_tensors, strict=True)
+    if merge_lora and train_cfg.model.lora.rank:
+        from trainer.models.lora import merge_adapters
+
+        merge_adapters(module.vlm.llm)
     module.to(device).eval().requires_grad_(False)
     return LoadedRun(module, tokenizer, train_cfg, int(state["step"]), ckpt, state, manifest)

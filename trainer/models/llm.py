@@ -284,6 +284,20 @@ def smollm2_135m(cache_dir: Path) -> Path:
 # resolving and loading
 # ---------------------------------------------------------------------------------------------------------
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """``--model.dtype``: 'auto' = bf16 on a GPU that supports it (half the memory of fp32 weights), else fp32
+    (CPUs compute bf16 slowly and the tests compare fp32 numbers)."""
+    if name == "auto":
+        return (
+            torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+        )
+    if name not in DTYPES:
+        raise ConfigError(f"unknown dtype {name!r}; valid: auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
 
 def add_image_token(tokenizer: PreTrainedTokenizerBase) -> int:
     """Register ``IMAGE_TOKEN`` as one special token (if missing); return its id. The model is not resized."""

@@ -67,6 +67,24 @@ class VLMOutput:
     """full logits, only with return_logits=True"""
     image_B: Tensor | None = None
     """bool [B]: rows with an image (the batch's ``has_image_B``, all True when it has none)"""
+    prenorm_BPd: Tensor | None = None
+    """if needs.final_norm_input: the last layer's output before the final norm at the visual positions"""
+
+
+def final_norm(llm: nn.Module) -> nn.Module | None:
+    """The LLM's final norm (applied after the last decoder layer, before the LM head), or None."""
+    names = ("norm", "final_layernorm", "final_layer_norm", "ln_f")
+    owners = (
+        llm.get_decoder() if hasattr(llm, "get_decoder") else None,
+        getattr(llm, "base_model", None),
+        llm,
+    )
+    for owner in owners:
+        for name in names:
+            module = getattr(owner, name, None) if owner is not None else None
+            if isinstance(module, nn.Module):
+                return module
+    return None
 
 
 def _text_config(llm: PreTrainedModel):
@@ -230,14 +248,29 @@ class VisualLM(nn.Module):
                 positions_BP.shape[1],
                 text_query_mask_BT,
             )
-        with capture_ctx as capture:
-            base_out = self.llm.base_model(
-                inputs_embeds=embeds_BTd,
-                attention_mask=attention_mask_BT,
-                use_cache=False,
-                output_hidden_states=bool(needs.hidden_layers),
-                return_dict=True,
-            )
+        # the input of the final norm (= the last layer's output), caught in this forward by a hook
+        prenorm: list[Tensor] = []
+        hook = None
+        if needs.final_norm_input:
+            norm = final_norm(self.llm)
+            if norm is None:
+                raise ConfigError(
+                    f"{type(self.llm).__name__} has no final norm found by name (norm, final_layernorm, ln_f): "
+                    "use --objectives.distill.norm post"
+                )
+            hook = norm.register_forward_pre_hook(lambda _module, args: prenorm.append(args[0]))
+        try:
+            with capture_ctx as capture:
+                base_out = self.llm.base_model(
+                    inputs_embeds=embeds_BTd,
+                    attention_mask=attention_mask_BT,
+                    use_cache=False,
+                    output_hidden_states=bool(needs.hidden_layers),
+                    return_dict=True,
+                )
+        finally:
+            if hook is not None:
+                hook.remove()
         last_BTd = base_out.last_hidden_state
 
         hidden_BLPd: dict[int, Tensor] = {}
@@ -253,6 +286,13 @@ class VisualLM(nn.Module):
                 hidden_BPd = hidden_BPd * image_B[:, None, None].to(hidden_BPd.dtype)
             hidden_BLPd[layer] = hidden_BPd
 
+        prenorm_BPd = None
+        if needs.final_norm_input:
+            states_BTd = prenorm[-1]
+            prenorm_BPd = states_BTd.gather(1, positions_BP[:, :, None].expand(-1, -1, states_BTd.shape[-1]))
+            if not bool(image_B.all()):
+                prenorm_BPd = prenorm_BPd * image_B[:, None, None].to(prenorm_BPd.dtype)
+
         lm_loss_sum, num_targets = self._lm_loss_sum(last_BTd, batch["labels_BT"])
         logits_BTN = self.llm.get_output_embeddings()(last_BTd) if return_logits else None
         return VLMOutput(
@@ -264,6 +304,7 @@ class VisualLM(nn.Module):
             embed_Nd=self.llm.get_input_embeddings().weight,
             logits_BTN=logits_BTN,
             image_B=image_B,
+            prenorm_BPd=prenorm_BPd,
         )
 
 

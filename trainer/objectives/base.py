@@ -33,6 +33,9 @@ N vocabulary):
     out.visual_BPd            projector output V = g(F) (with grad)
     out.lm_loss_sum           summed token NLL of this micro-batch (the loop normalises by token count)
     out.hidden_BLPd           if needs.hidden_layers: {layer l: H_l at visual positions [B, P, d]}; H_0 = V
+    out.prenorm_BPd           if needs.final_norm_input: the last layer's output *before* the LLM's final norm
+                              at the visual positions (HF's hidden_states[L] is after it), from a hook on the
+                              norm's input in the same forward
     out.text_to_visual_BP     if needs.attention_layers: text->image attention probs averaged over heads,
                               text tokens and the requested layers (not normalised per sample)
     out.embed_Nd              the LLM's input embedding matrix (weight tensor, frozen or not)
@@ -57,11 +60,14 @@ class Needs:
     attention_layers: tuple[int, ...] = ()
     """LLM layers (1-based, as H_l) whose text->visual attention probabilities are averaged into
     out.text_to_visual_BP."""
+    final_norm_input: bool = False
+    """the last layer's output before the LLM's final norm at the visual positions (out.prenorm_BPd)"""
 
     def union(self, other: Needs) -> Needs:
         return Needs(
             hidden_layers=tuple(sorted(set(self.hidden_layers) | set(other.hidden_layers))),
             attention_layers=tuple(sorted(set(self.attention_layers) | set(other.attention_layers))),
+            final_norm_input=self.final_norm_input or other.final_norm_input,
         )
 
 
@@ -134,3 +140,9 @@ class Objective(nn.Module):
         """``{measure: (value, weight)}`` this objective adds to the evaluation; pooled as weighted means over
         batches and reported as ``<name>/<measure>``. Called without gradient, in eval mode."""
         return {}
+
+    def carry_over(self, state: dict[str, torch.Tensor]) -> list[str]:
+        """Take over learned state from an earlier run's checkpoint (``state``: this objective's tensors there,
+        names relative to the objective) when a run starts from it with ``--init-projector``; returns what
+        was taken (distillation: its reverse projectors). Default: nothing."""
+        return []

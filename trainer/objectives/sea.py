@@ -227,7 +227,8 @@ class SeaObjective(Objective):
         super().__init__()
         self.cfg = cfg
         self.grid_hw = tuple(grid_hw) if grid_hw else None
-        init = torch.tensor(math.log(1.0 / cfg.init_temperature))
+        # shape [1], not a 0-dim scalar: FSDP shards every parameter along dim 0 and refuses 0-dim ones
+        init = torch.tensor([math.log(1.0 / cfg.init_temperature)])
         self.logit_scale = nn.Parameter(init, requires_grad=cfg.learn_temperature)
         tokens_WS = torch.from_numpy(np.ascontiguousarray(word_tokens_WS))
         # vocab-independent lookup tables: kept off the state dict, rebuilt from the cache at build time
@@ -258,7 +259,14 @@ class SeaObjective(Objective):
         return {"sea_loss": cfg.weight}
 
     def scale(self) -> torch.Tensor:
-        return self.logit_scale.exp().clamp(max=self.cfg.max_logit_scale)
+        return self.logit_scale.exp().clamp(max=self.cfg.max_logit_scale).reshape(())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints written while logit_scale was 0-dim
+        key = prefix + "logit_scale"
+        if key in state_dict and state_dict[key].dim() == 0:
+            state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def draw(
         self, batch: dict[str, Any], step: StepContext
@@ -304,7 +312,7 @@ class SeaObjective(Objective):
             # no negatives, no contrast: a zero that keeps the graph connected (DDP expects every grad);
             # the report keeps the same keys on every rank (the loop all-reduces them by position)
             report["sea/pair_acc"] = 0.0
-            return {"sea_loss": v_BPd.sum() * 0.0 + self.logit_scale * 0.0}, report
+            return {"sea_loss": v_BPd.sum() * 0.0 + self.logit_scale.sum() * 0.0}, report
         visual_Md = v_BPd[b_M, p_M]
         target_Md = word_targets(self.word_tokens_WS[word_M], out.embed_Nd)
         loss = contrastive_loss(visual_Md, target_Md, scale)

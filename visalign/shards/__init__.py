@@ -27,12 +27,14 @@ from visalign.shards.reader import (
     read_manifest,
     read_wordlist,
     sample_layout,
+    stored_image,
 )
 from visalign.shards.remote import ShardAccessError, is_url
 from visalign.shards.schema import (
     CONFIG,
     EXPERT_PREFIX,
     FEAT,
+    IMAGE_PREFIX,
     LABELS,
     MANIFEST,
     META,
@@ -73,6 +75,7 @@ __all__ = [
     "CONFIG",
     "EXPERT_PREFIX",
     "FEAT",
+    "IMAGE_PREFIX",
     "LABELS",
     "MANIFEST",
     "META",
@@ -114,6 +117,7 @@ __all__ = [
     "shard_is_complete",
     "shard_name",
     "sidecar_name",
+    "stored_image",
     "wordlist_sha256",
     "wordlist_text",
     "write_json_atomic",

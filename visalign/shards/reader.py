@@ -10,7 +10,8 @@ standard library, any other protocol through fsspec); a URL root's shards are ``
   where the file seeks, read and dropped where it streams). A tar that cannot be read, or ends before sample
   ``end - 1``, is a ``ShardFormatError`` naming it;
 * ``decode_sample(raw)``: raw members -> arrays (``np.load(allow_pickle=False)``) + metadata, as they are
-  (inspection);
+  (inspection); a stored image file (``image.<ext>``, schema 3 ``--store-images``) is handed on undecoded as
+  ``image_bytes`` with its extension as ``image_ext`` (here and in ``decode_checked``);
 * ``decode_checked(raw, layout)``: the same, strictly: every member the sample's kind needs (an image sample:
   feat, labels, scores, one array per expert, json; a text-only sample: json alone), each decodable and of
   the shape and dtype the manifest implies (``sample_layout``); anything else is a ``SampleError`` whose text
@@ -47,6 +48,7 @@ from visalign.shards.remote import size as file_size
 from visalign.shards.schema import (
     EXPERT_PREFIX,
     FEAT,
+    IMAGE_PREFIX,
     LABELS,
     MANIFEST,
     META,
@@ -110,14 +112,24 @@ def has_image(meta: dict[str, Any]) -> bool:
     return meta.get("has_image", True) is not False
 
 
+def stored_image(raw: dict[str, Any]) -> dict[str, Any]:
+    """``{"image_bytes", "image_ext"}`` of a sample that carries its image file (``image.<ext>``), else ``{}``."""
+    for key, value in raw.items():
+        if key.startswith(IMAGE_PREFIX):
+            return {"image_bytes": value, "image_ext": key[len(IMAGE_PREFIX) :]}
+    return {}
+
+
 def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
-    """Raw tar members (bytes) -> arrays + metadata. Keys keep their contract names without extension."""
+    """Raw tar members (bytes) -> arrays + metadata. Keys keep their contract names without extension; a
+    stored image file is ``image_bytes`` (undecoded) + ``image_ext``."""
     out: dict[str, Any] = {"__key__": raw["__key__"]}
     for key, value in raw.items():
         if key.endswith(".npy"):
             out[key[: -len(".npy")]] = decode_npy(value)
         elif key == META:
             out["meta"] = json.loads(value)
+    out.update(stored_image(raw))
     return out
 
 
@@ -227,6 +239,7 @@ def decode_checked(
         arr = _npy_array(raw[name], name, shape, dtype, copy=arrays)
         if arrays:
             out[name[: -len(".npy")]] = arr
+    out.update(stored_image(raw))
     return out
 
 

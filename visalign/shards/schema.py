@@ -19,6 +19,7 @@ Each sample in a shard (``__key__`` = sample id, made tar-safe). An image sample
     labels.npy   int32   [P, K]   word ids into wordlist.txt, -1 = absent (score < 0 or fewer than K words)
     scores.npy   float16 [P, K]   label scores, descending per row (absent slots hold -inf)
     expert.<name>.npy  float16 [P_e, D_e]   optional features of extra expert encoders (distillation)
+    image.<ext>  bytes            optional (schema 3, ``manifest.stores_images``): the image file as read
     json         {"id", "source", "orig_size": [w, h], "conversations": [...]} or {"caption": ...}
 
 A text-only sample (schema 2; LLaVA's instruction mix has ~6% of them) has the ``json`` member alone, with
@@ -27,7 +28,10 @@ A text-only sample (schema 2; LLaVA's instruction mix has ~6% of them) has the `
 Letters: P patches, D feature width, K top-k slots.
 
 Versions: 1 = image samples only, no preprocessing record, no shard sizes; 2 = adds text-only samples,
-``num_text_only``, ``ShardInfo.num_bytes`` and ``EncoderInfo.preprocess`` (with the aspect handling). Readers
+``num_text_only``, ``ShardInfo.num_bytes`` and ``EncoderInfo.preprocess`` (with the aspect handling); 3 = adds
+the image bytes (``image.<ext>`` members, ``stores_images``), ``score_source``, ``feature_surgery``, the dense
+mode of the labelling tower (``EncoderInfo.dense``, ``surgery_depth``) and each expert's preprocessing and
+token layout (``ExpertInfo.preprocess``, ``model_type``, ``prefix_tokens``). Readers
 accept every version in ``READABLE_VERSIONS`` (fields a version lacks take their defaults) and refuse others
 with a message. Only the standard library here.
 """
@@ -40,8 +44,8 @@ from typing import Any
 
 from visalign.errors import VisalignError
 
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST = "manifest.json"
 WORDLIST = "wordlist.txt"
 REJECTS = "rejects.parquet"
@@ -55,6 +59,7 @@ LABELS = "labels.npy"
 SCORES = "scores.npy"
 META = "json"
 EXPERT_PREFIX = "expert."  # expert.<name>.npy
+IMAGE_PREFIX = "image."  # image.<ext>: the image file's own bytes (schema 3, --store-images)
 
 
 class ShardFormatError(VisalignError):
@@ -79,6 +84,12 @@ class EncoderInfo:
     ``crop_rounding`` (floor | round), ``resample`` (bicubic), ``aspect`` (crop | pad | resize: what happens to
     a non-square image first) and ``pad_color`` ([r, g, b], with ``pad``); lets eval pictures and exports
     reproduce it without the tower. None in schema-1 manifests"""
+    dense: str | None = None
+    """how the joint-space patches that were labelled were computed: none, maskclip or surgery (None before
+    schema 3). ``feat.npy`` is the tower's own hidden state whatever this says"""
+    surgery_depth: int | None = None
+    """with dense surgery: the number of last blocks that got CLIP Surgery's v-v path (the requested depth
+    clamped to the tower's); None otherwise"""
 
 
 @dataclasses.dataclass
@@ -90,6 +101,14 @@ class ExpertInfo:
     patch_grid: list[int]
     feature_dim: int
     path: str | None = None
+    preprocess: dict[str, Any] | None = None
+    """how images became the expert's pixels (schema 3): a ``Preprocess.to_dict()`` for the registry towers;
+    for an HF backbone (``hf:``) ``{"kind": "hf-image-processor", "class", "config", "aspect", "pad_color"}``:
+    the aspect step, then that image processor. None before schema 3"""
+    model_type: str | None = None
+    """the HF ``model_type`` of an ``hf:`` backbone (dinov2, sam_vision_model, ...); None for registry towers"""
+    prefix_tokens: int | None = None
+    """tokens dropped before the patches (CLS, registers); None where not recorded"""
 
 
 @dataclasses.dataclass
@@ -131,6 +150,14 @@ class Manifest:
     """sha256 of the settings that change shard content; a rerun with another digest is refused"""
     tool_version: str = ""
     created: str = ""
+    score_source: str | None = None
+    """where ``score_sign`` came from: 'user' (``--score``) or 'family-default' (the encoder family's default:
+    neg-cos for CLIP towers, cos for SigLIP). None before schema 3"""
+    feature_surgery: bool = False
+    """labels ranked by CLIP Surgery's feature-surgery score (per-image word weights minus the redundant
+    feature) instead of the plain cosine"""
+    stores_images: bool = False
+    """every image sample also carries its image file's bytes as ``image.<ext>`` (``--store-images``)"""
     schema_version: int = SCHEMA_VERSION
 
     @property

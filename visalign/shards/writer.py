@@ -10,6 +10,8 @@ shards. The rules it keeps (docs/shards.md):
 * a sample is encoded completely (arrays and JSON) before its first member is written, so a sample that
   cannot be serialised (``SampleEncodeError``, e.g. a lone surrogate in a caption, an id or a source) leaves
   the tar untouched and the caller records it as a reject;
+* with ``image=(ext, data)`` an image sample also carries the image file's bytes as ``image.<ext>`` (schema 3,
+  ``pipeline label --store-images``), written unchanged;
 * a text-only sample (``write_text_only``) is its ``json`` member alone, with ``"has_image": false``; the
   sidecar counts them (``num_text_only``) and records the tar's size (``num_bytes``);
 * JSON files and the manifest are written to a ``.tmp`` and renamed; the manifest is written last.
@@ -34,6 +36,7 @@ from visalign.hashing import sha256_file
 from visalign.shards.schema import (
     EXPERT_PREFIX,
     FEAT,
+    IMAGE_PREFIX,
     LABELS,
     MANIFEST,
     META,
@@ -44,6 +47,8 @@ from visalign.shards.schema import (
     shard_name,
     sidecar_name,
 )
+
+COPY_BUFSIZE = 8 << 20
 
 
 class SampleEncodeError(Exception):
@@ -147,8 +152,11 @@ def encode_sample(
     scores_PK: np.ndarray,
     meta: dict[str, Any],
     experts: dict[str, np.ndarray] | None = None,
+    image: tuple[str, bytes] | None = None,
 ) -> list[tuple[str, bytes]]:
-    """The tar members of one sample, in contract order: feat, labels, scores, experts, json."""
+    """The tar members of one sample, in contract order: feat, labels, scores, experts, image, json.
+
+    ``image``: ``(ext, data)``, the image file's own bytes and its extension (``jpg``, ``png``, ...)."""
     members = [
         (f"{key}.{FEAT}", encode_npy(np.asarray(feat_PD, dtype=np.float16))),
         (f"{key}.{LABELS}", encode_npy(np.asarray(labels_PK, dtype=np.int32))),
@@ -156,6 +164,11 @@ def encode_sample(
     ]
     for name, feats in (experts or {}).items():
         members.append((f"{key}.{EXPERT_PREFIX}{name}.npy", encode_npy(np.asarray(feats, dtype=np.float16))))
+    if image is not None:
+        ext, data = image
+        if not re.fullmatch(r"[a-z0-9]+", ext):
+            raise ValueError(f"image extension {ext!r}: lowercase letters and digits only (jpg, png, webp)")
+        members.append((f"{key}.{IMAGE_PREFIX}{ext}", bytes(data)))
     members.append((f"{key}.{META}", encode_json(meta)))
     return members
 
@@ -167,11 +180,31 @@ def encode_text_only(key: str, meta: dict[str, Any]) -> list[tuple[str, bytes]]:
     return [(f"{key}.{META}", encode_json({**meta, "has_image": False}))]
 
 
+class _HashingFile:
+    """A write-only file that hashes (sha256) and counts what goes through it, so ``close`` never reads the
+    shard back. ``tarfile`` needs only ``write`` and ``tell``."""
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> int:
+        self.sha.update(data)  # releases the GIL on large buffers, as does the write itself
+        self.size += len(data)
+        return self.raw.write(data)
+
+    def tell(self) -> int:
+        return self.size
+
+
 class ShardWriter:
     """Streams samples into ``OUT/shard-NNNNNN.tar.tmp``; ``close(stats)`` publishes the tar, then the sidecar.
 
     Use as a context manager: leaving the block with an exception deletes the ``.tmp`` (nothing half-written
     keeps a final name); ``close`` must be called explicitly on success, with the stats for the sidecar.
+    The tar's sha256 and size are computed while it is written. One thread at a time may use a writer (the
+    labelling stage hands it to its writing thread).
     """
 
     def __init__(self, root: str | Path, index: int):
@@ -182,7 +215,11 @@ class ShardWriter:
         self.num_samples = 0
         self.num_text_only = 0
         self._raw = open(self.tmp, "wb")
-        self._tar = tarfile.open(fileobj=self._raw, mode="w", format=tarfile.PAX_FORMAT)
+        self._hashed = _HashingFile(self._raw)
+        # copybufsize: a member's bytes go to the file (and the hash) in one piece, not in 16 KiB slices
+        self._tar = tarfile.open(
+            fileobj=self._hashed, mode="w", format=tarfile.PAX_FORMAT, copybufsize=COPY_BUFSIZE
+        )
         self._closed = False
 
     def write(
@@ -193,9 +230,11 @@ class ShardWriter:
         scores_PK: np.ndarray,
         meta: dict[str, Any],
         experts: dict[str, np.ndarray] | None = None,
+        image: tuple[str, bytes] | None = None,
     ) -> None:
-        """Append one sample; raises ``SampleEncodeError`` (nothing written) when it cannot be serialised."""
-        members = encode_sample(key, feat_PD, labels_PK, scores_PK, meta, experts)
+        """Append one sample; raises ``SampleEncodeError`` (nothing written) when it cannot be serialised.
+        ``image``: ``(ext, data)`` to store the image file's bytes too (``image.<ext>``)."""
+        members = encode_sample(key, feat_PD, labels_PK, scores_PK, meta, experts, image)
         for name, data in members:
             _add_member(self._tar, name, data)
         self.num_samples += 1
@@ -215,8 +254,8 @@ class ShardWriter:
         self._raw.flush()
         os.fsync(self._raw.fileno())
         self._raw.close()
-        sha = sha256_file(self.tmp)
-        num_bytes = self.tmp.stat().st_size
+        sha = self._hashed.sha.hexdigest()
+        num_bytes = self._hashed.size
         os.replace(self.tmp, self.final)  # the final name only ever points at a complete, fsynced tar
         fsync_dir(self.root)
         sidecar = {
