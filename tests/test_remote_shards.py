@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.launching import read_log
 from trainer.cli import main
 from trainer.data import verify as V
 from trainer.data.shards import ShardStream, StreamLayout
@@ -23,7 +24,6 @@ from visalign import shards as S
 from visalign.shards import remote
 
 RUN = ["--llm", "tiny-llm", "--batch-size", "2", "--logging.progress", "false", "--logging.report-to", "none"]
-TIMING = ("samples_per_s", "tokens_per_s")
 
 
 class Handler(http.server.SimpleHTTPRequestHandler):
@@ -90,11 +90,6 @@ def serve():
     for server in servers:
         server.shutdown()
         server.server_close()
-
-
-def read_log(run: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
 
 
 def listing(folder: Path) -> dict[str, tuple[int, int]]:
