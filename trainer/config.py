@@ -157,8 +157,8 @@ class LoggingConfig:
 @dataclasses.dataclass
 class HeldoutEvalConfig:
     shards: str | None = None
-    """a `pipeline label` output of held-out images (same encoder and word list as --shards), evaluated with
-    the `trainer eval` measures during training; None = no periodic evaluation"""
+    """a `pipeline label` output of held-out images (same encoder and word list as --shards; a folder or a
+    URL), evaluated with the `trainer eval` measures during training; None = no periodic evaluation"""
     every: int = 0
     """evaluate every this many steps (and at the last step); 0 = never"""
     samples: int = 32
@@ -187,7 +187,8 @@ class ParallelConfig:
 @dataclasses.dataclass
 class TrainConfig:
     shards: str
-    """a finished `pipeline label` output folder (manifest.json + shard-*.tar)"""
+    """a finished `pipeline label` output folder (manifest.json + shard-*.tar), or its URL: https://,
+    s3://, gs://, ... (streamed, never copied; docs/shards.md)"""
     output: str
     """the run folder: config.yaml, env.json, log.jsonl, tracker files (tensorboard/, ...), checkpoints/"""
     objective: str = "lm"

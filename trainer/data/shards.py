@@ -1,6 +1,8 @@
 """Streaming the label shards into the trainer: split across ranks and workers by us, resumable exactly.
 
-Input: a finished ``pipeline label`` root (``manifest.json`` + ``shard-*.tar``, see ``visalign.shards``).
+Input: a finished ``pipeline label`` root (``manifest.json`` + ``shard-*.tar``, see ``visalign.shards``): a
+local folder or the URL of one (http(s)://, s3://, gs://, ... : ``visalign.shards.remote``; each worker
+streams the shard pieces its slot needs, nothing is copied to local disk).
 Output: an ``IterableDataset`` of collated micro-batches for one rank, endless (step-based training).
 
 How the samples are split (the choice the brief asked us to make and document):
@@ -31,8 +33,9 @@ position follows from it (``state_dict``/``start_batches``), and the slot stream
 and skips exactly the unusable ones it would have skipped (positions count samples read, not used).
 Samples before the resume position are read from the tar but never decoded.
 
-We read tars with ``tarfile`` rather than webdataset: the split above needs "samples i..j of shard k",
-which a per-shard webdataset pipeline does not express; both read the same members (``visalign.shards``).
+We read tars with ``visalign.shards.iter_raw`` (one front-to-back pass per slot piece, local or at a URL)
+rather than webdataset: the split above needs "samples i..j of shard k", which a per-shard webdataset
+pipeline does not express; both read the same members.
 
 Letters: B batch, P patches, D feature width, K top-k slots.
 """
@@ -60,6 +63,7 @@ from visalign.shards import (
     read_manifest,
     sample_layout,
 )
+from visalign.shards.remote import is_url
 
 
 def split_range(num_samples: int, num_slots: int, slot: int) -> tuple[int, int]:
@@ -144,7 +148,7 @@ class ShardStream(IterableDataset):
         manifest: Manifest | None = None,
     ):
         super().__init__()
-        self.root = Path(root)
+        self.root = root if is_url(root) else Path(root)
         self.manifest = manifest or read_manifest(self.root)
         self.layout = layout
         self.transform = transform

@@ -25,6 +25,12 @@ seconds); any write to the file, even one that restores the modification time, c
 so voids the stamp. What a stamp cannot see is a change that bypasses the file system (silent media
 corruption): delete ``<cache>/verified-shards/`` to re-hash everything. Cost: docs/trainer.md
 ("Verified reading"), measured with ``benchmarks/bench_verify.py``.
+
+Shards at a URL (``visalign.shards.remote``): ``size`` compares each shard's size from one metadata request
+(its headers are not walked: that would read the whole file; a shard with fewer samples than recorded is
+then named when the reader reaches its end); ``full`` streams every byte once, as locally. They are never
+stamped: a URL has no status-change time to void a stamp with, so each start re-hashes them (nothing is
+ever written next to remote shards; ``size`` starts in seconds).
 """
 
 from __future__ import annotations
@@ -47,7 +53,8 @@ from visalign.shards import (
     damaged,
     sample_layout,
 )
-from visalign.shards.reader import REPAIR
+from visalign.shards.reader import repair
+from visalign.shards.remote import is_url
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +75,9 @@ class VerifySummary:
     seconds: float = 0.0
 
 
-def _stamp_record(path: Path, info: ShardInfo, layout: dict[str, Any]) -> dict[str, Any] | None:
+def _stamp_record(path: Path | str, info: ShardInfo, layout: dict[str, Any]) -> dict[str, Any] | None:
+    if is_url(path):
+        return None  # no change time to vouch with: remote shards are re-hashed on every start
     try:
         st = os.stat(path)
     except OSError:
@@ -109,7 +118,9 @@ def write_stamp(cache_dir: str | Path, shard: Path, record: dict[str, Any]) -> N
         log.warning("cannot record the verification of %s in %s (%s)", shard, path.parent, err)
 
 
-def _check_one(path: Path, info: ShardInfo, layout, mode: str, cache_dir) -> tuple[list[str], bool, int]:
+def _check_one(
+    path: Path | str, info: ShardInfo, layout, mode: str, cache_dir
+) -> tuple[list[str], bool, int]:
     """(problems, found stamped, bytes read) for one shard."""
     full = mode == "full"
     record = _stamp_record(path, info, layout) if full else None
@@ -119,7 +130,9 @@ def _check_one(path: Path, info: ShardInfo, layout, mode: str, cache_dir) -> tup
     after = _stamp_record(path, info, layout) if full else None
     if full and not problems and cache_dir is not None and after == record and record is not None:
         write_stamp(cache_dir, path, record)  # only if the file did not change while it was read
-    return problems, False, (record or {}).get("size", 0) if full else 0
+    if not full:
+        return problems, False, 0
+    return problems, False, (record or {}).get("size", info.num_bytes or 0)
 
 
 def _exchange(problems: dict[str, list[str]], world_size: int) -> dict[str, list[str]]:
@@ -157,7 +170,9 @@ def verify_shards(
     neither reads nor writes them."""
     if mode not in MODES:
         raise ShardFormatError(f"--data.verify-shards {mode!r}: choose one of {', '.join(MODES)}")
-    root = Path(root)
+    root = root if is_url(root) else Path(root)
+    if stamps and mode == "full" and is_url(root):
+        log.info("shards at %s are re-hashed on every start (a URL cannot be stamped as verified)", root)
     if stamps and cache_dir is None:
         from visalign.cache import default_cache_dir
 
@@ -203,7 +218,7 @@ def verify_shards(
     return summary
 
 
-def damaged_error(root: Path, found: dict[str, list[str]], num_checked: int) -> ShardFormatError:
+def damaged_error(root: Path | str, found: dict[str, list[str]], num_checked: int) -> ShardFormatError:
     """One line: the first damaged shard with its first problem and the fix, then the others by name."""
     names = sorted(found)
     first = names[0]
@@ -215,8 +230,9 @@ def damaged_error(root: Path, found: dict[str, list[str]], num_checked: int) -> 
         detail += f", {problems[1]}, and {len(problems) - 2} more"
     if len(names) == 1:
         return damaged(first, detail)
+    # (Path(...).name is also the last part of a URL)
     others = ", ".join(Path(n).name for n in names[1:6]) + (", ..." if len(names) > 6 else "")
     return ShardFormatError(
         f"{len(names)} of {num_checked} shards of {root} differ from its manifest: shard {first}: {detail}; "
-        f"also {others}; " + REPAIR.format(root=root)
+        f"also {others}; " + repair(root)
     )

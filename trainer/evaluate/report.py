@@ -39,7 +39,8 @@ class EvalConfig:
     run: str
     """a run folder written by `trainer run` (config.yaml + checkpoints/), or one checkpoint folder"""
     shards: str
-    """a finished `pipeline label` output to evaluate on (its word list and labels are the reference)"""
+    """a finished `pipeline label` output to evaluate on, a folder or its URL (its word list and labels are
+    the reference)"""
     out: str
     """output folder for metrics.json and the pictures"""
     checkpoint: int | None = None

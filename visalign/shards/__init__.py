@@ -1,7 +1,8 @@
 """The on-disk contract between ``pipeline`` and ``trainer`` (docs/shards.md): schema, one writer, one reader.
 
     from visalign import shards as S
-    m = S.read_manifest(out)                   # refuses unfinished roots and other schema versions
+    m = S.read_manifest(out)                   # out: a folder or a URL (https://, s3://, ...: remote.py);
+                                               # refuses unfinished roots and other schema versions
     for path in m.shard_paths(out):
         for sample in S.iter_tar(path):        # {"__key__", "feat", "labels", "scores", "meta", ...}
             ...
@@ -28,6 +29,7 @@ from visalign.shards.reader import (
     sample_layout,
     stored_image,
 )
+from visalign.shards.remote import ShardAccessError, is_url
 from visalign.shards.schema import (
     CONFIG,
     EXPERT_PREFIX,
@@ -88,6 +90,7 @@ __all__ = [
     "Manifest",
     "SampleEncodeError",
     "SampleError",
+    "ShardAccessError",
     "ShardFormatError",
     "ShardInfo",
     "ShardWriter",
@@ -103,6 +106,7 @@ __all__ = [
     "encode_text_only",
     "has_image",
     "iter_raw",
+    "is_url",
     "iter_tar",
     "read_manifest",
     "read_wordlist",

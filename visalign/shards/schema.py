@@ -164,8 +164,11 @@ class Manifest:
     def num_patches(self) -> int:
         return int(self.encoder.patch_grid[0] * self.encoder.patch_grid[1])
 
-    def shard_paths(self, root: str | Path) -> list[Path]:
-        return [Path(root) / s.name for s in self.shards]
+    def shard_paths(self, root: str | Path) -> list[Path | str]:
+        """Where the shards are: paths under a local root, URLs (str) under a URL root (``remote.py``)."""
+        from visalign.shards.remote import join
+
+        return [join(root, s.name) for s in self.shards]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
