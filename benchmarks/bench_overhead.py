@@ -24,7 +24,10 @@ Timing: the bare step runs inside the project's loop, right before or right afte
 between two loop iterations minus the bare step that ran inside it. One warm-up iteration, then ``--rounds``
 timed ones; per run the ratio is min(project) / min(bare) (robust to a shared machine's bursts). Each run and
 each stage is a fresh process; the summary gives min / median / max of the ratio over ``--runs``.
-``step only`` = the project's ``train_step`` alone (no data, no logging) over the bare step.
+``step only`` = the project's ``train_step`` alone (no data, no logging) over the bare step. ``CPU time`` =
+the same ratio in this process's CPU time (``time.process_time``) instead of wall time: on a machine shared
+with other work it does not count the time spent waiting for a core, so with ``--threads 1`` it is the
+steadier measure of the work each side does (with more threads it also counts their spin-waiting).
 
     .venv/bin/python benchmarks/bench_overhead.py --llm smollm2-135m --runs 3
     .venv/bin/python benchmarks/bench_overhead.py --llm tiny-llm --runs 1 --rounds 2 --stages pretrain
@@ -145,8 +148,8 @@ def bare_loop(vlm, cfg):
     )
     max_norm = cfg.optim.max_grad_norm
 
-    def step(batch) -> tuple[float, float]:
-        start = time.perf_counter()
+    def step(batch) -> tuple[float, float, float]:
+        start, start_cpu = time.perf_counter(), time.process_time()
         ids_BT, feats_BPD = batch["input_ids_BT"], batch["feats_BPD"]
         embeds_BTd = llm.get_input_embeddings()(ids_BT)
         visual_BPd = projector(feats_BPD)
@@ -164,7 +167,7 @@ def bare_loop(vlm, cfg):
         torch.nn.utils.clip_grad_norm_(trainable, max_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return time.perf_counter() - start, float(loss.detach())
+        return time.perf_counter() - start, time.process_time() - start_cpu, float(loss.detach())
 
     return step
 
@@ -190,7 +193,9 @@ def run_one(args) -> dict:
     bare = bare_loop(trainer.vlm, cfg)
     real_step = trainer.train_step
     entries: list[float] = []
+    entries_cpu: list[float] = []
     bare_s: list[float] = []
+    bare_cpu: list[float] = []
     step_s: list[float] = []
     losses: list[tuple[float, float]] = []
 
@@ -198,16 +203,18 @@ def run_one(args) -> dict:
 
     def interleaved(micro_batches):
         entries.append(time.perf_counter())
+        entries_cpu.append(time.process_time())
         shapes.append(list(micro_batches[0]["input_ids_BT"].shape))
         k = len(entries) - 1
         if k % 2 == 0:
-            seconds, loss = bare(micro_batches[0])
+            seconds, cpu, loss = bare(micro_batches[0])
         start = time.perf_counter()
         metrics = real_step(micro_batches)
         step_s.append(time.perf_counter() - start)
         if k % 2 == 1:
-            seconds, loss = bare(micro_batches[0])
+            seconds, cpu, loss = bare(micro_batches[0])
         bare_s.append(seconds)
+        bare_cpu.append(cpu)
         losses.append((metrics["lm_loss"], loss))
         return metrics
 
@@ -215,8 +222,11 @@ def run_one(args) -> dict:
     trainer.train()
     # iteration k of the project = from loop entry k to entry k + 1, less the bare step run inside it
     project = [entries[k + 1] - entries[k] - bare_s[k] for k in range(len(entries) - 1)]
+    project_cpu = [entries_cpu[k + 1] - entries_cpu[k] - bare_cpu[k] for k in range(len(entries) - 1)]
     return {
         "project_s": project[1:],
+        "project_cpu_s": project_cpu[1:],
+        "bare_cpu_s": bare_cpu[1:-1],
         "step_s": step_s[1:-1],
         "bare_s": bare_s[1:-1],
         "first_losses": losses[0],
@@ -274,20 +284,25 @@ def main() -> None:
             r = json.loads(proc.stdout.split("RESULT ", 1)[1])
             r["ratio"] = min(r["project_s"]) / min(r["bare_s"])
             r["step_ratio"] = min(r["step_s"]) / min(r["bare_s"])
+            r["cpu_ratio"] = min(r["project_cpu_s"]) / min(r["bare_cpu_s"])
             r["loadavg"] = os.getloadavg()[0]
             results[stage].append(r)
             lp, lb = r["first_losses"]
             print(
                 f"run {run + 1} {stage:>8}: project {min(r['project_s']):.3f} s (step only "
                 f"{min(r['step_s']):.3f}), bare {min(r['bare_s']):.3f} s, ratio {r['ratio']:.3f} "
-                f"(step only {r['step_ratio']:.3f}); batch {r['tokens'][0]} x {r['tokens'][1]} tokens, "
+                f"(step only {r['step_ratio']:.3f}; CPU time {r['cpu_ratio']:.3f}); batch {r['tokens'][0]} x {r['tokens'][1]} tokens, "
                 f"{r['trainable']:,} trainable, {r['threads']} threads; first loss project {lp:.6f} / bare "
                 f"{lb:.6f}; load average {r['loadavg']:.2f}",
                 flush=True,
             )
     print(f"\nproject iteration / bare step, {args.runs} run(s): min / median / max")
     for stage, rows in results.items():
-        for key, label in (("ratio", "loop iteration"), ("step_ratio", "train_step only")):
+        for key, label in (
+            ("ratio", "loop iteration"),
+            ("step_ratio", "train_step only"),
+            ("cpu_ratio", "loop, CPU time"),
+        ):
             values = [r[key] for r in rows]
             print(
                 f"{stage:>8} {label:>16}: {min(values):.3f} / {statistics.median(values):.3f} / "

@@ -1,8 +1,8 @@
 """One GPU benchmark run: the numbers a user needs to plan a cluster, in one JSON + Markdown report.
 
-On one GPU (about 5 minutes on an H100/H200; ``--budget-s`` stops it in time, skipping what is left), with
-random-init models of the real architectures (speed does not depend on the weights, and nothing is
-downloaded):
+On one GPU, sized for 8 minutes on an H100/H200 (``--budget-s``, default 450 s, stops starting new pieces
+and reports what it skipped), with random-init models of the real architectures (speed does not depend on
+the weights, and nothing is downloaded):
 
 * ``label``: ``pipeline label`` images/s against the bare encoder forward on the same images, for the ``clip``
   (CLIP ViT-L/14-336, LLaVA-1.5's tower) and ``siglip`` (SigLIP-SO400M/14-384) architectures: HF

@@ -37,7 +37,8 @@ def test_bare_loop_matches_the_trainer_step(bench, tmp_path, cache_dir, monkeypa
     project_loss, bare_loss = result["first_losses"]
     assert bare_loss == pytest.approx(project_loss, rel=1e-6)
     assert len(result["project_s"]) == 1 and len(result["bare_s"]) == 1 and len(result["step_s"]) == 1
-    assert all(math.isfinite(s) and s > 0 for s in result["project_s"] + result["bare_s"] + result["step_s"])
+    times = result["project_s"] + result["bare_s"] + result["step_s"] + result["project_cpu_s"]
+    assert all(math.isfinite(s) and s > 0 for s in times + result["bare_cpu_s"])
     assert result["tokens"][0] == 2 and result["tokens"][1] > 16  # 16 visual slots + the text
     trainable = result["trainable"]
     assert (trainable > 100_000) if stage == "finetune" else (trainable < 100_000)
