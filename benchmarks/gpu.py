@@ -324,7 +324,12 @@ def label_one(run: Run, name: str, arch: dict, words: list[str], images: Path, w
             }
             run.say(f"[label] {name} / faiss: skipped: faiss not importable here")
             continue
-        run.need(10 if args.tiny else 30, f"the {name} stage with the {backend} search")
+        try:
+            run.need(10 if args.tiny else 30, f"the {name} stage with the {backend} search")
+        except OutOfTime as err:
+            result["backends"][backend] = {"skipped": str(err)}
+            run.say(f"[label] {name} / {backend}: skipped: {err}")
+            continue
         run_label(config(backend, warm, run.tmp / f"warm-{name}-{backend}"))  # loads this backend's index
         rows = []
         for r in range(args.repeats):
