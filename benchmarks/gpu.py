@@ -930,8 +930,18 @@ def main(argv=None) -> Path:
     args = parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        return run_all(args)
+    finally:
+        torch.set_num_threads(threads)  # called in-process (the tests): leave the caller's setting
+
+
+def run_all(args) -> Path:
+    import torch
+
     out = Path(args.out or os.environ.get("OUT") or "gpu-bench")
     out.mkdir(parents=True, exist_ok=True)
     run = Run(args)

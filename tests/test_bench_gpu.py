@@ -72,10 +72,12 @@ def leaves(node, where=""):
 
 def test_tiny_cpu_run_reports_every_section(gpu, tmp_path, cache_dir, monkeypatch):
     monkeypatch.setenv("VISALIGN_CACHE", str(cache_dir))
+    threads = torch.get_num_threads()
     out = gpu.main(
         ["--device", "cpu", "--tiny", "--out", str(tmp_path), "--towers", "clip", "--llm-sizes", "tiny-a",
          "--search-backends", "torch", "faiss", "--peak-tflops", "2.0"]
     )  # fmt: skip
+    assert torch.get_num_threads() == threads  # --tiny runs on one thread, then gives the caller's back
     report = json.loads((out / "gpu-bench.json").read_text())
     for section in ("label", "trainer", "objectives", "reader"):
         assert report[section], section
