@@ -76,6 +76,22 @@ class LoraConfig:
 
 
 @dataclasses.dataclass
+class VisionConfig:
+    mode: Literal["cached", "frozen", "train"] = "cached"
+    """where the projector's input features come from: 'cached' = the shards' feat.npy (no tower loaded);
+    'frozen' = the labelling tower run on the stored images every step, no weight of it trains (no_grad);
+    'train' = the same tower, its weights trained at --model.vision.lr (SEA-PRIME's stage 2). frozen and
+    train need shards labelled with `pipeline label --store-images`; labels and the distill target stay the
+    shards' (docs/trainer.md)"""
+    lr: float = 2e-6
+    """peak learning rate of the tower's weights with mode 'train' (their own AdamW groups, same schedule;
+    SEA-PRIME: 2e-6)"""
+    path: str | None = None
+    """where the tower's weights are read from (an HF folder); None = the folder or hub id the shards'
+    manifest records. Its fingerprint must equal the manifest's (like `trainer export --encoder-path`)"""
+
+
+@dataclasses.dataclass
 class ModelConfig:
     llm: str | None = None
     """LLM: a registry name (tiny-llm, smollm2-135m) or a local HF folder"""
@@ -96,6 +112,8 @@ class ModelConfig:
     """model cache (default $VISALIGN_CACHE or ~/.cache/visalign)"""
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
     """LoRA adapters for --stage finetune (docs/scaling.md)"""
+    vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
+    """the vision tower: cached features (default), or run online, frozen or trained (docs/trainer.md)"""
 
 
 @dataclasses.dataclass
@@ -256,6 +274,7 @@ _FLOAT_RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "optim.max_grad_norm": (0.0, None, True, False),
     "model.lora.alpha": (0.0, None, False, False),
     "model.lora.dropout": (0.0, 1.0, True, False),
+    "model.vision.lr": (0.0, None, False, False),
     "objectives.lm.weight": (0.0, None, True, False),
     "objectives.sea.weight": (0.0, None, True, False),
     "objectives.sea.init_temperature": (0.0, None, False, False),
@@ -342,6 +361,11 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(
                 "--model.lora.target_modules is empty; name the LLM's linear layers (q_proj,...)"
             )
+    if cfg.model.vision.mode == "train" and cfg.eval.shards and cfg.eval.every > 0:
+        raise ConfigError(
+            "--eval.every with --model.vision.mode train: the periodic evaluation reads the held-out shards' "
+            "cached features, which the tuned tower no longer gives; drop --eval.every (evaluate the HF export)"
+        )
     if cfg.resume_with_changes and not cfg.resume:
         raise ConfigError("--resume_with_changes needs --resume")
 
@@ -358,6 +382,7 @@ RESUME_IGNORED = (
     "stop_after",
     "model.init_projector",  # only read at a run's first start; the checkpoint's projector wins
     "model.cache_dir",
+    "model.vision.path",  # where the tower is read from; its fingerprint is checked
     "model.gradient_checkpointing",  # recomputation: the same numbers, less memory
     "optim.max_nonfinite_skips",
     "checkpoint.",
@@ -375,6 +400,7 @@ RESUME_FIXED = (
     "model.llm",
     "model.projector",
     "model.lora.",
+    "model.vision.mode",
     "data.batch_size",
     "data.num_workers",
     "data.shuffle_buffer",

@@ -10,7 +10,9 @@ Formats (``export(run, out, format=...)``):
     ``language_model.model.*`` (the run's LLM, trained weights after a finetune stage),
     ``language_model.lm_head.weight`` (only when the head is not tied to the embeddings),
     ``vision_tower.vision_model.*`` (the tower the shards' manifest names, reloaded with transformers and
-    checked by fingerprint: ``trainer.models.vision``), ``multi_modal_projector.linear_{1,2}.*`` (the
+    checked by fingerprint: ``trainer.models.vision``; a run with ``--model.vision.mode train`` overwrites
+    the embeddings and blocks it trained with their tuned values, the card names both fingerprints),
+    ``multi_modal_projector.linear_{1,2}.*`` (the
     ``mlp2x_gelu`` projector's layers ``0`` / ``2``; a ``linear`` projector has no HF LLaVA form: refused).
     The embeddings (and an untied head) get zero rows up to the ``<image>`` id when it lies outside the
     vocabulary: HF LLaVA overwrites those embeddings with image features, and a zero head row keeps the
@@ -337,9 +339,16 @@ def _hf_card(facts: dict[str, Any], gaps: list[str], dtype: str) -> str:
     if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", llm) and not Path(llm).exists():  # a hub id
         front.append(f"base_model: {llm}")
     front.append("---")
+    tuned = facts["encoder"].get("tuned_fingerprint")
+    tower_row = (
+        [("vision tower weights", f"trained with the LLM (`--model.vision.mode train`): fingerprint `{tuned[:16]}`, "
+          "started from the labelling tower above")]
+        if tuned else []
+    )  # fmt: skip
     table = _card_table(
         facts,
         [
+            *tower_row,
             (
                 "weights",
                 f"{dtype}; `<image>` id {facts['image_token_index']}, {facts['num_image_tokens']} image tokens",
@@ -410,6 +419,23 @@ def _preprocess_summary(preprocess: dict[str, Any]) -> str:
     )
 
 
+def _tuned_tower(tower: Any, trained: Any) -> str | None:
+    """Put a run's trained vision weights (``VisionTower``, mode ``train``) into the full ``tower`` loaded from
+    the manifest's record; returns the fingerprint of the result (None: the run did not train its tower)."""
+    from visalign.hashing import hf_fingerprint
+
+    if trained is None or not trained.tuned:
+        return None
+    tuned = trained.hf_state()
+    loaded = tower.vision_model.load_state_dict(tuned, strict=False)
+    if loaded.unexpected_keys:
+        raise RuntimeError(
+            f"the trained tower's weights do not fit its HF model: {loaded.unexpected_keys[:5]}"
+        )
+    log.info("vision tower: %d trained tensors of the run replace the labelling tower's", len(tuned))
+    return hf_fingerprint(tower)
+
+
 def export_hf_llava(
     run_or_ckpt: str | Path,
     out: str | Path,
@@ -426,11 +452,12 @@ def export_hf_llava(
     out, torch_dtype = Path(out), _torch_dtype(dtype)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"--out {out} already exists and is not empty; choose another --out or remove it")
-    run = load_trained(run_or_ckpt, step, with_objectives=False)
+    run = load_trained(run_or_ckpt, step, with_objectives=False, encoder_path=encoder_path)
     manifest = run.manifest
     # refuse what HF LLaVA cannot hold before the (slow) tower load
     projector_state = _projector_state(run.train_cfg.model.projector, run.vlm.projector)
     tower, model_type, where = load_tower(manifest.encoder, encoder_path)
+    tuned_fingerprint = _tuned_tower(tower, run.vlm.vision)
     preprocess = manifest.encoder.preprocess or tower_preprocess(
         where, model_type, int(tower.config.vision_config.image_size)
     )
@@ -470,6 +497,7 @@ def export_hf_llava(
             "template is the LLM's own and inserts it: pass a system message when prompting the export"
         )
     facts = _run_facts(run.checkpoint, run.state, run.train_cfg, manifest)
+    facts["encoder"]["tuned_fingerprint"] = tuned_fingerprint
     facts.update(
         conversation_format=fmt.template,
         format="hf-llava",
@@ -534,6 +562,12 @@ def export_llava_projector(
     train_cfg = train_config_of(ckpt, state)
     manifest = Manifest.from_dict(state["manifest"])
     name = train_cfg.model.projector
+    if train_cfg.model.vision.mode == "train":
+        log.warning(
+            "%s trained its vision tower; mm_projector.bin holds the projector alone, which expects the tuned "
+            "tower's features: export --format hf-llava to keep both",
+            ckpt,
+        )
     tensors = llava_projector_state(name, ckpt_io.load_tensors(ckpt), torch_dtype)
     facts = _run_facts(ckpt, state, train_cfg, manifest)
     enc = facts["encoder"]

@@ -20,6 +20,12 @@ The rules (docs/scaling.md lists them with the table):
   I, compute bytes c): c x (7 h + 3 h_kv + 4 I) + 8 h (the norms' float32 upcasts); with activation
   checkpointing c x h per layer plus one layer recomputed in full; plus the LM head's largest logits chunk
   (float32, with its gradient and softmax). Attention with SDPA/flash keeps no T x T matrix.
+* an online vision tower (``--model.vision.mode``, ``vlm.vision``): its parameters count like the rest
+  (a trained one: float32 + gradients + AdamW; a frozen one: its storage dtype), and its activations for
+  ``batch_size`` images of T_v tokens (prefix + patches) through its n blocks (width h_v, MLP width I_v):
+  trained, c x (8 h_v + 2 I_v) per token and block kept for backward (with checkpointing c x h_v per block
+  plus one block in full); frozen (no_grad), one block's worth at a time. Under FSDP every tower block is
+  a group gathered like a decoder layer.
 Not counted: the CUDA context and allocator fragmentation (keep ~10% free), the data loader, the framework.
 
 Letters: B micro-batch, T tokens per sequence, N vocabulary.
@@ -93,10 +99,16 @@ class MemoryEstimate:
 
 
 def _groups(module: nn.Module) -> tuple[list[list[nn.Parameter]], list[nn.Parameter]]:
-    """(parameters of each decoder layer, the rest = the root group); tied parameters counted once."""
+    """(parameters of each FSDP group gathered on its own: decoder layers, and an online vision tower's
+    blocks and the rest of it; the rest = the root group); tied parameters counted once."""
     from trainer.parallel import decoder_layers
 
     layers = [list(layer.parameters()) for layer in decoder_layers(module.vlm.llm)]
+    tower = getattr(module.vlm, "vision", None)
+    if tower is not None:
+        blocks = [list(block.parameters()) for block in tower.layers]
+        in_blocks = {id(p) for params in blocks for p in params}
+        layers += [*blocks, [p for p in tower.parameters() if id(p) not in in_blocks]]
     in_layers = {id(p) for params in layers for p in params}
     root = [p for p in module.parameters() if id(p) not in in_layers]
     return layers, root
@@ -124,6 +136,24 @@ def activation_bytes(module: nn.Module, plan: MemoryPlan) -> int:
     embeddings = 2 * tokens * hidden * c  # the input embeddings and the final hidden states
     logits = 3 * 4 * min(tokens * vocab, LOGITS_CHUNK_ELEMENTS)
     return layers + embeddings + logits
+
+
+def vision_activation_bytes(module: nn.Module, plan: MemoryPlan) -> int:
+    """Activations of an online vision tower for ``plan.batch_size`` images (0 without one)."""
+    tower = getattr(module.vlm, "vision", None)
+    if tower is None or not len(tower.layers):
+        return 0
+    fc1 = tower.layers[0].mlp.fc1
+    hidden, inter = int(fc1.in_features), int(fc1.out_features)
+    tokens = plan.batch_size * int(tower.embeddings.position_embedding.num_embeddings)
+    c = torch.empty((), dtype=plan.compute_dtype).element_size()
+    block = tokens * c * (8 * hidden + 2 * inter)
+    io = 2 * tokens * c * hidden  # the embeddings' output and the features
+    if not tower.tuned:
+        return block + io
+    if plan.checkpointing:
+        return len(tower.layers) * tokens * c * hidden + block + io
+    return len(tower.layers) * block + io
 
 
 def estimate_memory(module: nn.Module, plan: MemoryPlan) -> MemoryEstimate:
@@ -165,7 +195,8 @@ def estimate_memory(module: nn.Module, plan: MemoryPlan) -> MemoryEstimate:
             grads += trainable * 4
     elif c < 4:  # autocast: compute-dtype copies of the float32 trainable weights during the forward
         copies = trainable * c
-    return MemoryEstimate(params, grads, optim, copies, activation_bytes(module, plan), trainable, frozen)
+    activations = activation_bytes(module, plan) + vision_activation_bytes(module, plan)
+    return MemoryEstimate(params, grads, optim, copies, activations, trainable, frozen)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -202,4 +233,12 @@ def peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-__all__ = ["MemoryEstimate", "MemoryPlan", "activation_bytes", "estimate_memory", "peak_mib", "reset_peak"]
+__all__ = [
+    "MemoryEstimate",
+    "MemoryPlan",
+    "activation_bytes",
+    "estimate_memory",
+    "peak_mib",
+    "reset_peak",
+    "vision_activation_bytes",
+]

@@ -17,6 +17,8 @@ group: the objectives read it inside the forward (SEA targets, BASIC's vocabular
 recomputes logits from it in backward; a separate group would free it right after the embedding lookup.
 A frozen LLM (stage 1, LoRA's base weights) is sharded like the rest (gathered layer by layer each step) or,
 with ``shard_frozen_llm=False``, kept whole on every process (``ignored_params``: never communicated).
+An online vision tower (``vlm.vision``, frozen or trained) is sharded too: one group per tower block, then
+one for the tower's embeddings (gathered for its forward only, like a decoder layer, never kept in the root).
 
 Mixed precision under FSDP is FSDP's own: parameters gathered in the compute dtype, gradients reduced and
 optimiser state kept in float32 (the sharded float32 parameters are the master copies); Accelerate's autocast
@@ -125,6 +127,12 @@ def apply_fsdp(
         llm.to(device)  # FSDP moves only the parameters it manages
     total = sum(p.numel() for p in module.parameters())
     groups = 0
+    tower = getattr(module.vlm, "vision", None)
+    if tower is not None:
+        for block in tower.layers:
+            fully_shard(block, mesh=mesh, mp_policy=layer_policy)
+        fully_shard(tower, mesh=mesh, mp_policy=layer_policy)
+        groups += len(tower.layers) + 1
     for layer in decoder_layers(llm):
         own = set(layer.parameters())
         if own <= replicated:

@@ -84,6 +84,7 @@ LOG_FILE = "log.jsonl"
 HISTORY_FILE = "config-history.jsonl"
 MEMORY_FILE = "memory.json"
 PROJECTOR_GROUP = "projector"
+VISION_GROUP = "vision"
 
 
 class NonFiniteError(VisalignError):
@@ -99,19 +100,26 @@ def lr_lambda(step: int, warmup_steps: int, max_steps: int, min_ratio: float) ->
 
 
 def param_groups(
-    module: nn.Module, weight_decay: float, lr: float, projector_lr: float | None = None
+    module: nn.Module,
+    weight_decay: float,
+    lr: float,
+    projector_lr: float | None = None,
+    vision_lr: float | None = None,
 ) -> list[dict[str, Any]]:
     """AdamW groups: decay on matrices only (biases, norm weights and scalars such as temperatures never
-    decay); with ``projector_lr`` the projector's parameters form groups of their own at that rate. Empty
-    groups are left out; each group carries a ``name``."""
+    decay); with ``projector_lr`` the projector's parameters form groups of their own at that rate, with
+    ``vision_lr`` the vision tower's (``--model.vision.mode train``). Empty groups are left out; each group
+    carries a ``name``."""
     buckets: dict[str, list[nn.Parameter]] = defaultdict(list)
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
         part = PROJECTOR_GROUP if projector_lr is not None and name.startswith("vlm.projector.") else "model"
+        if vision_lr is not None and name.startswith("vlm.vision."):
+            part = VISION_GROUP
         buckets[f"{part}/{'decay' if p.dim() >= 2 else 'no_decay'}"].append(p)
     groups = []
-    for part, rate in (("model", lr), (PROJECTOR_GROUP, projector_lr)):
+    for part, rate in (("model", lr), (PROJECTOR_GROUP, projector_lr), (VISION_GROUP, vision_lr)):
         for kind, decay in (("decay", weight_decay), ("no_decay", 0.0)):
             params = buckets.get(f"{part}/{kind}")
             if params:
@@ -241,6 +249,7 @@ class Trainer:
         elif cfg.stage == "finetune" and ckpt is None:
             log.warning("finetune without --init-projector: the projector starts from random weights")
         self.weights = objective_weights(cfg.objectives, parse_spec(cfg.objective))
+        self.vision_lr = cfg.model.vision.lr if cfg.model.vision.mode == "train" else None
         # checkpoints hold the trainable VisualLM parameters and the whole objective modules' state
         trainable = {f"vlm.{n}" for n, p in module.vlm.named_parameters() if p.requires_grad}
         self.keep = lambda name: name in trainable or name.startswith(ckpt_io.OBJECTIVES_PREFIX)
@@ -262,7 +271,9 @@ class Trainer:
             )  # fmt: skip
         # the optimizer is built over the parameters training will really update: after sharding
         optimizer = torch.optim.AdamW(
-            param_groups(module, cfg.optim.weight_decay, cfg.optim.lr, cfg.optim.projector_lr),
+            param_groups(
+                module, cfg.optim.weight_decay, cfg.optim.lr, cfg.optim.projector_lr, self.vision_lr
+            ),
             lr=cfg.optim.lr,
             betas=tuple(cfg.optim.betas),
             eps=cfg.optim.eps,
@@ -291,8 +302,9 @@ class Trainer:
         )
         fmt = text_format(cfg.data, cfg.stage)
         stream = build_stream(
-            cfg.shards, self.manifest, self.tokenizer, fmt, cfg.data.max_length, self.layout, self.num_batches
-        )
+            cfg.shards, self.manifest, self.tokenizer, fmt, cfg.data.max_length, self.layout, self.num_batches,
+            pixels=self.vlm.vision is not None,
+        )  # fmt: skip
         self.stream = stream
         self.batches = iter(make_loader(stream))
         self.heldout = self.build_heldout(fmt)
@@ -592,11 +604,14 @@ class Trainer:
     def record_learning_rates(self, metrics: dict[str, float]) -> None:
         names = [g.get("name", "") for g in self.raw_optimizer().param_groups]
         rates = self.scheduler.get_last_lr()
-        model = [lr for lr, name in zip(rates, names) if not name.startswith(PROJECTOR_GROUP)]
+        model = [lr for lr, name in zip(rates, names) if name.startswith("model")]
         projector = [lr for lr, name in zip(rates, names) if name.startswith(PROJECTOR_GROUP)]
+        vision = [lr for lr, name in zip(rates, names) if name.startswith(VISION_GROUP)]
         metrics["lr"] = model[0] if model else rates[0]
         if self.cfg.optim.projector_lr is not None and projector:
             metrics["projector_lr"] = projector[0]
+        if vision:
+            metrics["vision_lr"] = vision[0]
 
     def forward_backward(self, batch: dict[str, Any], step: StepContext, num_accum: int) -> dict[str, float]:
         """Forward, weighted sum of the ``*_loss`` terms, backward; returns detached losses + report."""

@@ -15,6 +15,7 @@ from trainer.data.collate import Collator, SampleTransform, UnusableDataError
 from trainer.data.conversations import IMAGE_TOKEN, ConversationError, Formatter
 from trainer.data.shards import ShardStream, StreamLayout, make_loader, split_range
 from trainer.data.verify import verify_shards
+from visalign.images import Preprocess
 from visalign.shards import Manifest
 
 
@@ -26,13 +27,16 @@ def build_stream(
     max_length: int,
     layout: StreamLayout,
     start_batches: int = 0,
+    pixels: bool = False,
 ) -> ShardStream:
+    """``pixels``: decode every stored image with the manifest's preprocessing (an online vision tower)."""
     formatter = Formatter(tokenizer, manifest.num_patches, fmt, max_length)  # type: ignore[arg-type]
+    preprocess = Preprocess.from_dict(manifest.encoder.preprocess) if pixels else None
     return ShardStream(
         root,
         layout,
-        transform=SampleTransform(formatter),
-        collate=Collator(formatter.pad_id, manifest),
+        transform=SampleTransform(formatter, preprocess),
+        collate=Collator(formatter.pad_id, manifest, pixels=pixels),
         start_batches=start_batches,
         manifest=manifest,
     )

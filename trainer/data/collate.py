@@ -5,7 +5,9 @@ Input: strictly decoded shard samples (``visalign.shards.decode_checked``: ``fea
 a text-only sample has ``meta`` alone), or ``{"skip": reason}`` for a sample the reader could not use.
 ``SampleTransform`` adds what ``Formatter`` gives (``input_ids``, ``text_labels``, ``visual_start``), or
 marks the sample unusable when its record fails ``visalign.samples.check_record`` or the formatter raises
-``ConversationError``.
+``ConversationError``. Given the manifest's ``Preprocess`` (an online vision tower), it also decodes the
+sample's stored image (``image_bytes``) into ``pixels`` [C, S, S] float32, in the loader worker; a sample
+whose stored image is missing or cannot be decoded is unusable.
 
 Output: the batch dict (right padding to the longest sequence of the micro-batch). It is dense, with a mask
 for the samples without an image:
@@ -13,6 +15,8 @@ for the samples without an image:
     feats_BPD float32, labels_BPK int64, scores_BPK float32, experts {name: float32 [B, P_e, D_e]},
     has_image_B bool (False = a text-only sample: zero features and expert features, labels -1, scores -inf,
     visual_start -1, and no visual slots in its token sequence),
+    pixels_BCHW float32 (only from a Collator built with ``pixels=True``: the preprocessed stored images,
+    zeros for text-only rows),
     input_ids_BT int64, labels_BT int64 (-100 = unsupervised), attention_mask_BT int64, visual_start_B int64,
     num_target_tokens int, ids [str], slots [int], passes [int] (one per row),
     skipped [{"id", "reason", "slot", "pass"}] (the unusable samples of this micro-batch's window)
@@ -26,7 +30,7 @@ supervised, no image. It adds zero to every loss and zero gradient, and keeps ev
 step. ``MAX_CONSECUTIVE_UNUSABLE`` unusable samples in a row stop the run: that is a setting (a format the
 LLM cannot render, a --max-length too short for any sample), not a few bad records.
 
-Letters: B batch, T sequence, P patches, D feature width, K top-k slots.
+Letters: B batch, T sequence, P patches, D feature width, K top-k slots, C S S channels and side of pixels.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from torch.utils.data import get_worker_info
 
 from trainer.data.conversations import IGNORE_INDEX, ConversationError, Formatter
 from visalign.errors import VisalignError
+from visalign.images import Preprocess, RejectError, load_image
 from visalign.samples import check_record
 from visalign.shards import EXPERT_PREFIX, FEAT, LABELS, SCORES, Manifest, has_image, sample_layout
 
@@ -79,10 +84,12 @@ def skipped_sample(sample: dict[str, Any], reason: str) -> dict[str, Any]:
 
 
 class SampleTransform:
-    """Decoded shard sample -> sample with token fields, or an unusable-sample marker (runs in the worker)."""
+    """Decoded shard sample -> sample with token fields (and ``pixels`` with ``preprocess``), or an
+    unusable-sample marker (runs in the worker)."""
 
-    def __init__(self, formatter: Formatter):
+    def __init__(self, formatter: Formatter, preprocess: Preprocess | None = None):
         self.formatter = formatter
+        self.preprocess = preprocess
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         if "skip" in sample:
@@ -98,6 +105,14 @@ class SampleTransform:
         except ConversationError as err:
             return skipped_sample(sample, str(err))
         out = dict(sample)
+        if self.preprocess is not None and image:
+            stored = out.pop("image_bytes", None)
+            if stored is None:
+                return skipped_sample(sample, "image sample without its stored image (image.<ext> member)")
+            try:
+                out["pixels"] = self.preprocess(load_image(stored)[0])
+            except RejectError as err:
+                return skipped_sample(sample, f"stored image {out.get('image_ext')!r}: {err}")
         out["has_image"] = image
         out["input_ids"], out["text_labels"] = tokens["input_ids"], tokens["labels"]
         start = tokens["visual_start"]
@@ -124,10 +139,16 @@ class Collator:
     image sample of the batch (a batch of text-only samples then needs the manifest).
     """
 
-    def __init__(self, pad_id: int, manifest: Manifest | None = None):
+    def __init__(self, pad_id: int, manifest: Manifest | None = None, pixels: bool = False):
         self.pad_id = pad_id
         self.layout = sample_layout(manifest) if manifest is not None else None
         self.consecutive_unusable = 0
+        self.pixel_shape: tuple[int, int, int] | None = None
+        if pixels:
+            if manifest is None or not manifest.encoder.preprocess:
+                raise ValueError("a Collator with pixels needs the manifest (its encoder.preprocess)")
+            side = int(manifest.encoder.preprocess["image_size"])
+            self.pixel_shape = (3, side, side)
 
     def _guard(self, samples: list[dict[str, Any]]) -> None:
         for s in samples:
@@ -167,6 +188,8 @@ class Collator:
             attention_mask_BT[i, :n] = 1
         image_B = [bool(s.get("has_image", True)) for s in usable]
         arrays = self.arrays(usable, image_B, layout)
+        if self.pixel_shape is not None:
+            arrays["pixels_BCHW"] = self.pixels(usable, image_B)
         return {
             **arrays,
             "has_image_B": torch.tensor(image_B, dtype=torch.bool),
@@ -214,14 +237,24 @@ class Collator:
             "experts": {key[len(EXPERT_PREFIX) :]: stack(key, 0.0, torch.float32) for key in expert_keys},
         }
 
+    def pixels(self, samples: list[dict[str, Any]], image_B: list[bool]) -> torch.Tensor:
+        """[B, C, S, S]: the image rows' ``pixels``, zeros for text-only rows."""
+        pixels_BCHW = torch.zeros((len(samples), *self.pixel_shape), dtype=torch.float32)
+        for i, (s, image) in enumerate(zip(samples, image_B)):
+            if image:
+                pixels_BCHW[i] = s["pixels"]
+        return pixels_BCHW
+
     def blank(self, skipped: list[dict[str, Any]]) -> dict[str, Any]:
         """The micro-batch of a window without a usable sample: one attended pad token, nothing else."""
         if self.layout is None:
             raise ValueError(
                 "a micro-batch without usable samples needs the Collator built with the manifest"
             )
+        extra = {"pixels_BCHW": self.pixels([{}], [False])} if self.pixel_shape is not None else {}
         return {
             **self.arrays([{}], [False], self.layout),
+            **extra,
             "has_image_B": torch.zeros(1, dtype=torch.bool),
             "input_ids_BT": torch.full((1, 1), self.pad_id, dtype=torch.long),
             "labels_BT": torch.full((1, 1), IGNORE_INDEX, dtype=torch.long),

@@ -9,7 +9,14 @@
 
 Checkpoint tensors (``trainer/checkpoint.py``, gathered or sharded, read whole by ``read_weights``): the
 trainable ``VisualLM`` parameters (``projector.*``; ``llm.*`` after a finetune stage, only the adapters with
-LoRA) and the objective modules' state (SEA's temperature, the reverse projectors).
+LoRA; ``vision.*`` with ``--model.vision.mode train``) and the objective modules' state (SEA's temperature,
+the reverse projectors).
+
+The vision tower (``--model.vision.mode frozen|train``, ``trainer.models.vision.build_vision_tower``) is
+loaded from where the manifest (or ``--model.vision.path``) says and checked by fingerprint; a frozen one is
+stored in ``--model.dtype`` like a frozen LLM, a trained one in float32. ``load_trained`` rebuilds it for a
+run that trained it (its tuned weights come from the checkpoint) and leaves it out otherwise (a frozen
+tower's features are the shards' cached ones).
 
 Weights dtype (``--model.dtype``): the LLM is loaded in that dtype when none of its weights train in full
 (stage 1; LoRA's base weights), in float32 otherwise: trainable weights always keep float32 master copies.
@@ -140,8 +147,15 @@ def build_train_module(
     main_process_first: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     with_objectives: bool = True,
     apply_stage_to: str | None = None,
+    vision_path: str | None = None,
+    vision_manifest: Manifest | None = None,
 ) -> tuple[TrainModule, Any]:
     """``(TrainModule, tokenizer)`` for a ``TrainConfig`` over shards described by ``manifest``.
+
+    The vision tower is built first (before the seed is set: it draws nothing) when ``cfg.model.vision.mode``
+    is ``train``, or ``frozen`` in training; ``vision_path`` overrides where its weights are read from
+    (``trainer export --encoder-path``), else ``--model.vision.path``, else the record of
+    ``vision_manifest`` (default ``manifest``: a run's training manifest when ``manifest`` is evaluation's).
 
     The random initialisation (projector, then the objective modules, then LoRA adapters) is drawn right after
     the LLM is loaded, from ``cfg.seed``: the same on every rank and whether the model cache was cold or warm.
@@ -153,14 +167,23 @@ def build_train_module(
     from trainer.models.projector import build_projector
     from trainer.models.vlm import VisualLM, apply_stage
 
+    training = apply_stage_to is not None
+    mode = cfg.model.vision.mode
+    vision = None
+    if training:
+        from trainer.models.vision import require_stored_images
+
+        require_stored_images(manifest, shards_root, mode)
+    if mode == "train" or (training and mode == "frozen"):
+        vision = build_vision_tower_for(cfg, vision_manifest or manifest, training, vision_path)
     with main_process_first():  # the first call may build a tiny model into the cache
-        llm, tokenizer = load_llm_checked(cfg, llm_dtype(cfg, training=apply_stage_to is not None))
+        llm, tokenizer = load_llm_checked(cfg, llm_dtype(cfg, training=training))
     # building a registry model draws random numbers (or seeds its own): re-seed so the modules below start
     # the same whether the cache was cold or warm, on every rank
     set_seed(cfg.seed)
     hidden = llm.config.get_text_config().hidden_size
     projector = build_projector(cfg.model.projector, manifest.encoder.feature_dim, hidden)
-    vlm = VisualLM(llm, projector, gradient_checkpointing=cfg.model.gradient_checkpointing)
+    vlm = VisualLM(llm, projector, gradient_checkpointing=cfg.model.gradient_checkpointing, vision=vision)
     lora = cfg.model.lora
     if apply_stage_to is not None and not lora.rank:
         apply_stage(vlm, apply_stage_to)  # logs the trainable / frozen counts
@@ -180,6 +203,24 @@ def build_train_module(
         if apply_stage_to is not None:
             train_adapters_only(vlm)
     return TrainModule(vlm, objectives), tokenizer
+
+
+def build_vision_tower_for(cfg: Any, manifest: Manifest, training: bool, path: str | None = None):
+    """The ``VisionTower`` a config asks for: trained (float32) with mode ``train``, else frozen in
+    ``--model.dtype`` (training) or float32 (evaluation, export)."""
+    from trainer.models.llm import resolve_dtype
+    from trainer.models.vision import build_vision_tower
+
+    tuned = cfg.model.vision.mode == "train"
+    dtype = resolve_dtype(cfg.model.dtype) if training and not tuned else torch.float32
+    return build_vision_tower(
+        manifest.encoder,
+        tuned=tuned,
+        path=path or cfg.model.vision.path,
+        dtype=dtype,
+        gradient_checkpointing=cfg.model.gradient_checkpointing and training,
+        num_patches=manifest.num_patches,
+    )
 
 
 def init_projector(module: TrainModule, source: str | Path, projector_name: str, manifest: Manifest) -> Path:
@@ -255,6 +296,7 @@ def load_trained(
     device: str | torch.device = "cpu",
     with_objectives: bool = True,
     merge_lora: bool = True,
+    encoder_path: str | None = None,
 ) -> LoadedRun:
     """Rebuild a run's model from its checkpoint (latest, or ``step``) exactly as ``trainer run`` built it.
 
@@ -265,6 +307,10 @@ def load_trained(
     objective reads a manifest or word list, so a run can be evaluated on another machine; it must come from
     the same encoder (feature width). Without it the training manifest recorded in the checkpoint is used
     (objectives that read files from the shard root are then not built).
+
+    A run that trained its vision tower (``--model.vision.mode train``) gets it back with its tuned weights:
+    the architecture and the untrained parts come from the tower the manifest names (``encoder_path``
+    overrides where it is read from, as ``trainer export --encoder-path``).
     """
     ckpt = ckpt_io.resolve_checkpoint(run_or_ckpt, step)
     state = ckpt_io.read_state(ckpt)
@@ -277,11 +323,17 @@ def load_trained(
             f"{manifest.encoder.feature_dim}-d ones: evaluate on shards of the run's encoder"
         )
     module, tokenizer = build_train_module(
-        train_cfg, manifest, shards, with_objectives=with_objectives and shards is not None
+        train_cfg,
+        manifest,
+        shards,
+        with_objectives=with_objectives and shards is not None,
+        vision_path=encoder_path,
+        vision_manifest=recorded,
     )
     model_tensors, objective_tensors = ckpt_io.read_weights(ckpt)
     loaded = module.vlm.load_state_dict(model_tensors, strict=False)
-    missing_trained = [k for k in loaded.missing_keys if k.startswith("projector.") or "lora_" in k]
+    trained = ("projector.", "vision.") if train_cfg.model.vision.mode == "train" else ("projector.",)
+    missing_trained = [k for k in loaded.missing_keys if k.startswith(trained) or "lora_" in k]
     if loaded.unexpected_keys or missing_trained:
         raise ckpt_io.CheckpointError(
             f"checkpoint {ckpt} does not fit the model rebuilt from its config: unexpected "

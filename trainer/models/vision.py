@@ -1,8 +1,10 @@
 """The vision tower as the trainer sees it: an HF CLIP/SigLIP checkpoint, checked against the shards' manifest.
 
 The pipeline labelled the shards with a tower whose identity (name, backend, path or hub id, fingerprint) and
-preprocessing the manifest records. The trainer needs that tower again only to hand it on: ``trainer export``
-places it in the HF LLaVA folder. So an export can run anywhere the tower's weights can be found:
+preprocessing the manifest records. The trainer needs that tower again to hand it on (``trainer export``
+places it in the HF LLaVA folder) and, with ``--model.vision.mode frozen|train``, to compute the projector's
+input online from the shards' stored images (``VisionTower``). Either runs anywhere the tower's weights can
+be found:
 
 * ``locate_tower(encoder, path)``: where the weights are: ``path`` (``--encoder-path``) if given, else the
   folder the manifest records if it exists on this machine, else the hub id it records (through the HF cache
@@ -14,20 +16,35 @@ places it in the HF LLaVA folder. So an export can run anywhere the tower's weig
   running transformers version holds in memory (tests; the export writes the portable on-disk names).
 * ``image_processor_config``: the ``preprocessor_config.json`` of an HF ``LlavaImageProcessor`` that repeats
   the manifest's preprocessing (resize, crop or pad to square, mean/std), with the gaps it cannot close.
+* ``VisionTower`` / ``build_vision_tower``: the part of the tower that the LLaVA features depend on
+  (embeddings, CLIP's pre-norm, the blocks up to ``feature_layer``), as a trainable module whose
+  ``features(pixels_BCHW, image_B)`` equals the pipeline's ``feat.npy`` computation: HF
+  ``hidden_states[feature_layer]`` with the prefix tokens dropped (CLIP: the CLS token; SigLIP: none).
+  ``require_stored_images`` refuses shards that carry no images.
+
+Letters: B batch, I image rows of the batch, C channels, S square side, T tower tokens (prefix + patches),
+P patches, D tower width.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from visalign.errors import VisalignError
 from visalign.hashing import hf_fingerprint
 from visalign.images import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD
+
+log = logging.getLogger(__name__)
 
 # LlavaForConditionalGeneration holds the tower as ``model.vision_tower`` (AutoModel of the vision config).
 LLAVA_VISION_PREFIX = "model.vision_tower."
@@ -226,3 +243,162 @@ def image_processor_config(preprocess: dict[str, Any]) -> tuple[dict[str, Any], 
         "image_std": std,
     }
     return config, gaps
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the tower online: --model.vision.mode frozen | train
+# ---------------------------------------------------------------------------------------------------------
+
+ONLINE_MODES = ("frozen", "train")
+
+
+def require_stored_images(manifest: Any, shards: Any, mode: str) -> None:
+    """Refuse shards without their images for an online tower (one line naming the fix)."""
+    from visalign.shards import ShardFormatError
+
+    if mode in ONLINE_MODES and not getattr(manifest, "stores_images", False):
+        raise ShardFormatError(
+            f"--model.vision.mode {mode} runs the tower on the shards' images, but {shards} was labelled "
+            "without them: relabel with `pipeline label --store-images` (or use --model.vision.mode cached)"
+        )
+    if mode in ONLINE_MODES and not manifest.encoder.preprocess:
+        raise ShardFormatError(
+            f"{shards}: the manifest records no preprocessing (encoder.preprocess); relabel with this "
+            "version's `pipeline label --store-images`"
+        )
+
+
+def _block_args(block: nn.Module) -> tuple[None, ...]:
+    """The mask arguments of one encoder block called without masks: 4.x's CLIP block also takes a causal
+    mask (and returns a tuple, 5.x the tensor)."""
+    params = inspect.signature(block.forward).parameters
+    return (None, None) if "causal_attention_mask" in params else (None,)
+
+
+def _hidden(out: Any) -> Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+class VisionTower(nn.Module):
+    """The labelling tower's path to the LLaVA features, as a module of ``VisualLM`` (``vlm.vision``).
+
+    Holds only what ``hidden_states[feature_layer]`` depends on: ``embeddings``, CLIP's ``pre_layrnorm``, and
+    ``layers`` = the first ``n`` encoder blocks (``n`` = the index of the feature layer among the ``L + 1``
+    hidden states). Blocks after it, the final norm and the heads never reach the features: kept out, they
+    neither cost memory nor leave trainable parameters without gradients (which DDP would refuse). Parameter
+    names are the HF ones below ``vision_model`` (``layers.i`` = ``encoder.layers.i``): ``hf_state``.
+
+    ``tuned``: the weights train (mode ``train``), or were trained (a run's checkpoint). A frozen tower runs
+    under ``no_grad``. The tower always computes in eval mode (CLIP and SigLIP have no dropout at their
+    default settings, and eval mode is what labelled the shards and what an HF LLaVA runs).
+    """
+
+    def __init__(
+        self,
+        vision_model: nn.Module,
+        model_type: str,
+        feature_layer: int,
+        tuned: bool = False,
+        gradient_checkpointing: bool = False,
+    ):
+        super().__init__()
+        if model_type not in MODEL_TYPES:
+            raise TowerError(f"the online tower must be CLIP or SigLIP, got model_type {model_type!r}")
+        blocks = vision_model.encoder.layers
+        num_states = len(blocks) + 1
+        if not -num_states <= int(feature_layer) < num_states:
+            raise TowerError(
+                f"feature layer {feature_layer} is outside the tower's {num_states} hidden states"
+            )
+        self.num_used = int(feature_layer) % num_states
+        self.feature_layer = int(feature_layer)
+        self.model_type = model_type
+        self.num_prefix = VISION_TOWERS[f"{model_type}_vision_model"][1]
+        self.embeddings = vision_model.embeddings
+        self.pre_layrnorm = getattr(vision_model, "pre_layrnorm", None)  # CLIP's, SigLIP has none
+        self.layers = nn.ModuleList(list(blocks)[: self.num_used])
+        self.block_args = _block_args(blocks[0])
+        self.tuned = bool(tuned)
+        self.gradient_checkpointing = bool(gradient_checkpointing)
+        self.requires_grad_(self.tuned)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> VisionTower:
+        return super().train(False)  # always eval: see the class docstring
+
+    def forward(self, pixels_BCHW: Tensor) -> Tensor:
+        """-> features ``[B, P, D]``: ``hidden_states[feature_layer]`` without the prefix tokens."""
+        grad = contextlib.nullcontext() if self.tuned else torch.no_grad()
+        with grad:
+            dtype = self.embeddings.patch_embedding.weight.dtype
+            hidden_BTD = self.embeddings(pixels_BCHW.to(dtype))
+            if self.pre_layrnorm is not None:
+                hidden_BTD = self.pre_layrnorm(hidden_BTD)
+            recompute = self.gradient_checkpointing and torch.is_grad_enabled()
+            for layer in self.layers:
+                if recompute:
+                    out = checkpoint(layer, hidden_BTD, *self.block_args, use_reentrant=False)
+                else:
+                    out = layer(hidden_BTD, *self.block_args)
+                hidden_BTD = _hidden(out)
+            return hidden_BTD[:, self.num_prefix :]
+
+    def features(self, pixels_BCHW: Tensor, image_B: Tensor) -> Tensor:
+        """Features of a dense batch ``[B, P, D]``: the tower runs on the image rows only, text-only rows get
+        zeros. A batch without an image runs it on one (blank) row whose output is multiplied by zero, so
+        every rank runs the same modules (FSDP gathers the tower's weights; DDP expects a gradient for every
+        trainable one)."""
+        num_batch = pixels_BCHW.shape[0]
+        rows_I = image_B.to(pixels_BCHW.device).nonzero().squeeze(1)
+        if rows_I.numel() == num_batch:
+            return self(pixels_BCHW)
+        if rows_I.numel() == 0:
+            feats_1PD = self(pixels_BCHW[:1]) * 0
+            return feats_1PD.expand(num_batch, -1, -1)
+        feats_IPD = self(pixels_BCHW.index_select(0, rows_I))
+        zeros_BPD = feats_IPD.new_zeros(num_batch, *feats_IPD.shape[1:])
+        return zeros_BPD.index_copy(0, rows_I, feats_IPD)
+
+    def hf_state(self) -> dict[str, Tensor]:
+        """The weights under the names they have inside ``CLIPModel.vision_model`` /
+        ``SiglipModel.vision_model`` (``vision_weights``): ``layers.i.*`` -> ``encoder.layers.i.*``."""
+        return {
+            (f"encoder.{name}" if name.startswith("layers.") else name): value.detach()
+            for name, value in self.state_dict().items()
+        }
+
+
+def build_vision_tower(
+    encoder: Any,
+    tuned: bool,
+    path: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    gradient_checkpointing: bool = False,
+    num_patches: int | None = None,
+) -> VisionTower:
+    """The manifest's tower (``load_tower``: located, fingerprint-checked) cut to its feature path, in
+    ``dtype`` (trainable weights stay float32)."""
+    model, model_type, where = load_tower(encoder, path)
+    tower = VisionTower(
+        model.vision_model,
+        model_type,
+        int(encoder.feature_layer),
+        tuned=tuned,
+        gradient_checkpointing=gradient_checkpointing,
+    )
+    config = model.config.vision_config
+    patches = (int(config.image_size) // int(config.patch_size)) ** 2
+    if num_patches is not None and patches != num_patches:
+        raise TowerError(
+            f"the tower at {where} gives {patches} patches per image but the shards hold {num_patches}: "
+            "point --model.vision.path at the weights that labelled the shards"
+        )
+    if not tuned:
+        tower.to(dtype)
+    del model  # the text tower, the heads and the blocks after the feature layer are released
+    used = sum(p.numel() for p in tower.parameters())
+    log.info(
+        "vision tower %s from %s online (%s): hidden layer %d (%d of its blocks), %s parameters",
+        encoder.name, where, "trained" if tuned else "frozen", tower.feature_layer, tower.num_used, f"{used:,}",
+    )  # fmt: skip
+    return tower

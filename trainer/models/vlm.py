@@ -5,6 +5,11 @@ Input: a collated batch (``input_ids_BT``, ``labels_BT``, ``attention_mask_BT``,
 output V, the summed next-token NLL, and only on demand the hidden states at the visual positions, the
 text->visual attention weights and the full logits. ``apply_stage`` sets what trains (LLaVA stages).
 
+With a vision tower (``vision``: ``trainer.models.vision.VisionTower``, ``--model.vision.mode frozen|train``)
+the projector reads the tower's features of the batch's ``pixels_BCHW`` instead of the cached ``feats_BPD``
+(which stays in the batch: the distill objective's native target). A batch without pixels falls back to the
+cached features for a frozen tower (the same values up to float16 rounding) and is refused for a tuned one.
+
 The visual tokens of sample b occupy positions ``visual_start_B[b] .. visual_start_B[b] + P - 1``; the token
 ids there (the pad id) are looked up and then overwritten by ``g(F)`` with one ``scatter``, so gradients reach
 the projector whether or not the LLM trains.
@@ -23,7 +28,7 @@ recomputes a chunk's logits instead of keeping all M x N of them). Models whose 
 ``lm_head(final hidden)`` (Gemma-2 soft-capping, Cohere logit scale) are refused at construction.
 
 Letters: B batch, T sequence, P visual tokens (patches), D encoder width, d LLM width, N vocabulary,
-M supervised tokens in the batch.
+M supervised tokens in the batch, C S S the channels and side of the pixels.
 """
 
 from __future__ import annotations
@@ -69,6 +74,8 @@ class VLMOutput:
     """bool [B]: rows with an image (the batch's ``has_image_B``, all True when it has none)"""
     prenorm_BPd: Tensor | None = None
     """if needs.final_norm_input: the last layer's output before the final norm at the visual positions"""
+    feats_BPD: Tensor | None = None
+    """the features the projector read: the tower's on the batch's pixels, or the batch's cached ones"""
 
 
 def final_norm(llm: nn.Module) -> nn.Module | None:
@@ -98,7 +105,13 @@ class VisualLM(nn.Module):
     nll_chunk_elements: int = 1 << 26
     """max logits (rows x vocabulary) materialised at once by the LM loss: 2^26 fp32 = 256 MiB"""
 
-    def __init__(self, llm: PreTrainedModel, projector: nn.Module, gradient_checkpointing: bool = False):
+    def __init__(
+        self,
+        llm: PreTrainedModel,
+        projector: nn.Module,
+        gradient_checkpointing: bool = False,
+        vision: nn.Module | None = None,
+    ):
         super().__init__()
         config = _text_config(llm)
         for attr in ("final_logit_softcapping", "logit_scale"):
@@ -110,6 +123,7 @@ class VisualLM(nn.Module):
                 )
         self.llm = llm
         self.projector = projector
+        self.vision = vision
         self.num_layers = int(config.num_hidden_layers)
         self.hidden_size = int(config.hidden_size)
         self.gradient_checkpointing = gradient_checkpointing
@@ -161,11 +175,33 @@ class VisualLM(nn.Module):
                 f"visual_start {NO_VISUAL}"
             )
 
-    def _embed(self, batch: dict) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """-> (inputs_embeds_BTd, visual_BPd, positions_BP, image_B); text-only rows' positions are 0..P-1
-        placeholders (clamped to the sequence), never written."""
+    def features(self, batch: dict) -> Tensor:
+        """[B, P, D]: the projector's input (the tower's features of ``pixels_BCHW``, else ``feats_BPD``)."""
+        cached_BPD = batch["feats_BPD"]
+        if self.vision is None:
+            return cached_BPD
+        pixels_BCHW = batch.get("pixels_BCHW")
+        if pixels_BCHW is None:
+            if getattr(self.vision, "tuned", False):
+                raise ConfigError(
+                    "this model's vision tower was trained (--model.vision.mode train), so the shards' cached "
+                    "features are not its features and it needs the images' pixels; evaluate its HF export "
+                    "(`trainer export`) instead"
+                )
+            return cached_BPD
+        feats_BPD = self.vision.features(pixels_BCHW, self.image_rows(batch))
+        if feats_BPD.shape != cached_BPD.shape:
+            raise ValueError(
+                f"the vision tower gives features {tuple(feats_BPD.shape)} but the batch's cached ones are "
+                f"{tuple(cached_BPD.shape)}: the tower is not the one that labelled the shards"
+            )
+        return feats_BPD
+
+    def _embed(self, batch: dict) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """-> (inputs_embeds_BTd, visual_BPd, positions_BP, image_B, feats_BPD); text-only rows' positions
+        are 0..P-1 placeholders (clamped to the sequence), never written."""
         self._check_batch(batch)
-        ids_BT, feats_BPD = batch["input_ids_BT"], batch["feats_BPD"]
+        ids_BT, feats_BPD = batch["input_ids_BT"], self.features(batch)
         embeds_BTd = self.llm.get_input_embeddings()(ids_BT)
         projector_dtype = next(self.projector.parameters()).dtype
         # every row goes through the projector, text-only ones too: the same modules on every rank
@@ -180,14 +216,14 @@ class VisualLM(nn.Module):
             index_BPd = positions_BP[:, :, None].expand(-1, -1, width)
             # out-of-place scatter: gradients flow to visual_BPd (gathered) and to the token embeddings elsewhere
             embeds_BTd = embeds_BTd.scatter(1, index_BPd, visual_BPd.to(embeds_BTd.dtype))
-            return embeds_BTd, visual_BPd, positions_BP, image_B
+            return embeds_BTd, visual_BPd, positions_BP, image_B, feats_BPD
         # text-only rows send their projected tokens to one extra column, cut off after the scatter
         target_BP = torch.where(image_B[:, None], positions_BP, num_tokens)
         padded_BTd = torch.cat([embeds_BTd, embeds_BTd.new_zeros(num_batch, 1, width)], dim=1)
         index_BPd = target_BP[:, :, None].expand(-1, -1, width)
         embeds_BTd = padded_BTd.scatter(1, index_BPd, visual_BPd.to(embeds_BTd.dtype))[:, :num_tokens]
         positions_BP = torch.where(image_B[:, None], positions_BP, 0)
-        return embeds_BTd, visual_BPd, positions_BP, image_B
+        return embeds_BTd, visual_BPd, positions_BP, image_B, feats_BPD
 
     def embed(self, batch: dict) -> Tensor:
         """inputs_embeds [B, T, d]: token embeddings, the visual slots replaced by projector(feats_BPD)."""
@@ -222,7 +258,7 @@ class VisualLM(nn.Module):
 
     # -----------------------------------------------------------------------------------------------------
     def forward(self, batch: dict, needs: Needs = Needs(), return_logits: bool = False) -> VLMOutput:
-        embeds_BTd, visual_BPd, positions_BP, image_B = self._embed(batch)
+        embeds_BTd, visual_BPd, positions_BP, image_B, feats_BPD = self._embed(batch)
         attention_mask_BT = batch["attention_mask_BT"].to(embeds_BTd.device)
         bad = [l for l in needs.hidden_layers if not 0 <= l <= self.num_layers]
         bad += [l for l in needs.attention_layers if not 1 <= l <= self.num_layers]
@@ -305,6 +341,7 @@ class VisualLM(nn.Module):
             logits_BTN=logits_BTN,
             image_B=image_B,
             prenorm_BPd=prenorm_BPd,
+            feats_BPD=feats_BPD,
         )
 
 
