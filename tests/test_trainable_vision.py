@@ -393,11 +393,16 @@ def test_export_of_a_trained_tower_gives_our_logits(tuned_run):
     assert "trained with the LLM" in (out / "README.md").read_text()
 
 
-def test_a_tuned_tower_refuses_cached_features(tuned_run):
+def test_a_tuned_tower_refuses_cached_features(tuned_run, tmp_path, capsys):
+    """Evaluation reads cached features, which a tuned tower no longer gives: `trainer eval` of such a run
+    is one line naming the export, and so is a batch without pixels given to its model."""
     from trainer.models.build import load_trained
     from visalign.config import ConfigError
 
-    _, run, _ = tuned_run
+    root, run, _ = tuned_run
+    assert main(["eval", str(run), "--shards", str(root), "--out", str(tmp_path / "eval")]) == 3
+    err = capsys.readouterr().err
+    assert "trainer export" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     vlm = load_trained(run, with_objectives=False).vlm
     batch = {"feats_BPD": torch.zeros(1, 4, 8)}
     with pytest.raises(ConfigError, match="trainer export"):

@@ -315,6 +315,11 @@ def load_trained(
     ckpt = ckpt_io.resolve_checkpoint(run_or_ckpt, step)
     state = ckpt_io.read_state(ckpt)
     train_cfg = train_config_of(ckpt, state)
+    if shards is not None and train_cfg.model.vision.mode == "train":
+        raise ConfigError(
+            f"{ckpt} trained its vision tower (--model.vision.mode train): the cached features of {shards} are "
+            "not its features, so it cannot be evaluated from shards; evaluate its HF export (`trainer export`)"
+        )
     recorded = Manifest.from_dict(state["manifest"])
     manifest = read_manifest(shards) if shards is not None else recorded
     if manifest.encoder.feature_dim != recorded.encoder.feature_dim:
