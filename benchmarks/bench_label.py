@@ -18,6 +18,16 @@ in alternating order (forward first on even repeats), and prints images/s of bot
 stage's time went (from the shards' sidecars) and the word search alone per image for each backend asked
 for (``--search-backends``), on the joint embeddings of these images.
 
+``--arch clip|siglip`` labels with a random-init tower of the real architecture instead of ``--encoder``: the
+vision tower of CLIP ViT-L/14-336 (LLaVA-1.5's) or SigLIP-SO400M/14-384 from their HF configs (as
+``benchmarks/gpu.py`` builds them) with a one-layer text tower, since only the word embeddings' width and
+number matter to the stage, not how they were computed. The forward then has its real cost relative to the
+41k-word search (the search is ~23% of ViT-B/16's FLOPs but ~10% of CLIP-L/336's).
+
+The printed ``ceiling`` is ``forward / (forward + search alone)``: what the stage would reach if decoding,
+preprocessing, copies and writing cost nothing and the search could not overlap the forward (on a CPU both
+want every core).
+
 ``--busy-cores N`` starts N busy-loop processes for the timed part (a machine shared with other work);
 they are ended before the script exits. The word embeddings are computed (and cached) before timing: a
 once-per-encoder cost, reported on its own line; ``--num-words`` limits the list for big text towers on a
@@ -26,6 +36,7 @@ CPU, ``--cache-dir`` keeps them between invocations.
     python benchmarks/bench_label.py --encoder tiny-clip --images 64 --batch-size 16
     python benchmarks/bench_label.py --encoder random-vit-b16 --images 48 --batch-size 16 --text-context 16 \\
         --repeats 3 --busy-cores 1 --search-backends faiss,torch,bf16
+    python benchmarks/bench_label.py --arch clip --images 32 --batch-size 16 --repeats 3 --search-backends bf16
 """
 
 from __future__ import annotations
@@ -92,6 +103,25 @@ def stop_busy(procs: list[subprocess.Popen]) -> None:
         p.wait()
 
 
+def real_tower(arch: str, words: list[str], cache_dir: Path) -> Path:
+    """A random-init HF folder with the vision tower of ``arch``'s real configuration and a one-layer text
+    tower of the same joint width (built once per cache folder and word list)."""
+    import hashlib
+
+    from gpu import TOWERS, build_tower
+
+    small_text = {"text_width": 64, "text_layers": 1, "text_heads": 2, "text_mlp": 128, "context": 16,
+                  "vocab": 8000}  # fmt: skip
+    spec = {**TOWERS[arch], **small_text}
+    digest = hashlib.sha256(json.dumps([spec, words], sort_keys=True).encode()).hexdigest()[:12]
+    folder = cache_dir / "bench-towers" / f"{arch}-{digest}"
+    if not (folder / "config.json").is_file():
+        t0 = time.perf_counter()
+        build_tower(spec, words, folder, "cpu")
+        print(f"built a random-init {arch} tower in {time.perf_counter() - t0:.1f} s: {folder}", flush=True)
+    return folder
+
+
 def spread(values: list[float]) -> str:
     return f"{min(values):.3f} / {statistics.median(values):.3f} / {max(values):.3f}"
 
@@ -99,6 +129,11 @@ def spread(values: list[float]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--encoder", default="tiny-clip")
+    ap.add_argument(
+        "--arch", choices=("clip", "siglip"), default=None,
+        help="a random-init tower of the real architecture (CLIP-L/14-336 or SigLIP-SO400M/14-384) instead of "
+        "--encoder",
+    )  # fmt: skip
     ap.add_argument("--backend", default=None)
     ap.add_argument("--images", type=int, default=48, help="number of images to label")
     ap.add_argument("--batch-size", type=int, default=16)
@@ -138,6 +173,8 @@ def main() -> None:
         images_dir = write_images(tmp / "images", args.images)
         warm_dir = write_images(tmp / "warm", args.batch_size)
 
+        if args.arch:
+            args.encoder, args.backend = str(real_tower(args.arch, words, Path(cache_dir))), None
         options = {"dense": "none", "text_context": args.text_context}
         enc = get_encoder(args.encoder, args.backend, None, device, cache_dir, **options)
         t0 = time.perf_counter()
@@ -262,6 +299,12 @@ def main() -> None:
     print(f"label stage images/s:   {spread([r['stage_ips'] for r in rows])}")
     print(f"bare forward images/s:  {spread([r['forward_ips'] for r in rows])}")
     print(f"ratio stage / forward:  {spread([r['ratio'] for r in rows])}")
+    for name, row in search_rows.items():
+        forward_ms = [1000 * r["forward_s"] / args.images for r in rows]
+        search_ms = statistics.median(row["ms_per_image"])
+        ceiling = [f / (f + search_ms) for f in forward_ms]  # per repeat, with the median search
+        report.setdefault("ceiling", {})[name] = ceiling
+        print(f"ceiling ({name} search): {spread(ceiling)}  (forward / (forward + search alone))")
     keys = sorted({k for r in rows for k in r["inside"]})
     median_inside = {k: statistics.median(r["inside"].get(k, 0.0) for r in rows) for k in keys}
     print(

@@ -16,8 +16,10 @@ tar per sample. Then, on the same files:
   (the default);
 * ``loader, W workers``: what ``trainer run`` iterates for W = each of ``--workers``: ``build_stream`` with the
   tiny-llm tokenizer in the stage-1 ``plain`` format, ``make_loader``, micro-batches of ``--batch-size``
-  with float32 features received in the main process (the default shuffle buffer, 256). Timed from the
-  first batch (worker start-up is printed apart as ``first batch s``);
+  with float32 features received in the main process (the default shuffle buffer, 256), and the same with
+  float16 batches (``--data.host_dtype float16``, what a GPU run gets by default: the stored values, converted
+  to float32 on the device, so no conversion is timed here). Timed from the first batch (worker start-up is
+  printed apart as ``first batch s``);
 * shuffle buffer memory: the peak resident memory of a fresh process streaming one slot with a buffer of
   each size in ``--buffers``, minus that process's own before it starts (``VmHWM - VmRSS``).
 
@@ -126,7 +128,7 @@ def read_slot(root: str, num_samples: int, buffer: int) -> int:
 
 
 def read_loader(
-    root: str, tokenizer, workers: int, batch_size: int, num_samples: int
+    root: str, tokenizer, workers: int, batch_size: int, num_samples: int, float16: bool = False
 ) -> tuple[int, float, float]:
     """(samples received after the first batch, seconds for them, seconds to the first batch)."""
     import torch
@@ -139,13 +141,14 @@ def read_loader(
     data = DataConfig(conv_template="plain")  # stage 1's format; the default shuffle buffer
     layout = StreamLayout(1, 0, workers, batch_size=batch_size, seed=0, shuffle_buffer=data.shuffle_buffer)
     fmt = text_format(data, "pretrain")
-    stream = build_stream(root, read_manifest(root), tokenizer, fmt, 2048, layout)
+    stream = build_stream(root, read_manifest(root), tokenizer, fmt, 2048, layout, float16=float16)
+    dtype = torch.float16 if float16 else torch.float32
     start = time.perf_counter()
     first = steady = None
     seen = 0
     for batch in make_loader(stream):
         feats = batch["feats_BPD"]
-        if batch["skipped"] or feats.dtype != torch.float32:
+        if batch["skipped"] or feats.dtype != dtype:
             raise RuntimeError("the loader refused the benchmark's own samples")
         if first is None:
             first = time.perf_counter() - start
@@ -198,6 +201,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dim", type=int, default=1024, help="D: feature width (CLIP-L: 1024)")
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--workers", default="0,2,4", help="loader worker counts to measure")
+    parser.add_argument(
+        "--host-dtypes", default="float32,float16", help="loader batch dtypes to measure (data.host_dtype)"
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--buffers", default="1,64,256", help="shuffle buffer sizes whose memory to measure")
     parser.add_argument(
@@ -257,13 +263,18 @@ def main(argv: list[str] | None = None) -> dict:
                     lambda b=buffer: read_slot(root, num_samples, b),
                 )
             )
-        for w in workers:
-            jobs.append(
-                (
-                    f"loader, {w} workers (batches)",
-                    lambda w=w: read_loader(root, tokenizer, w, args.batch_size, num_samples),
+        for host in [h for h in args.host_dtypes.split(",") if h.strip()]:
+            if host not in ("float32", "float16"):
+                raise SystemExit(f"--host-dtypes: {host!r} is not float32 or float16")
+            for w in workers:
+                jobs.append(
+                    (
+                        f"loader, {w} workers ({host} batches)",
+                        lambda w=w, h=host: read_loader(
+                            root, tokenizer, w, args.batch_size, num_samples, float16=h == "float16"
+                        ),
+                    )
                 )
-            )
         rows = [{"what": name, "samples_per_s": [], "mb_per_s": [], "first_batch_s": []} for name, _ in jobs]
         if local:
             read_disk(paths)  # untimed: the files are warm for every timed row

@@ -719,9 +719,11 @@ def reader_section(run: Run) -> None:
             run.need(5 if args.tiny else 30, f"the reader with {workers} workers")
             layout = StreamLayout(world_size=1, rank=0, num_workers=workers, batch_size=batch, seed=0,
                                   shuffle_buffer=256)  # fmt: skip
-            stream = build_stream(root, manifest, tokenizer, fmt, 2048, layout)
+            # what `trainer run` builds on this device: float16 pinned batches on a GPU (data.host_dtype auto)
+            on_cuda = args.device.startswith("cuda")
+            stream = build_stream(root, manifest, tokenizer, fmt, 2048, layout, float16=on_cuda)
             drop_cache(paths)
-            loader = iter(make_loader(stream))
+            loader = iter(make_loader(stream, pin_memory=on_cuda))
             next(loader)  # worker start-up
             start = time.perf_counter()
             for _ in range(num_batches):
@@ -730,7 +732,8 @@ def reader_section(run: Run) -> None:
             del loader
             samples_s = num_batches * batch / seconds
             report[key] = {"samples_per_s": samples_s, "mb_per_s": samples_s * per_sample / 1e6,
-                           "vs_raw_cold": samples_s * per_sample / (total / cold)}  # fmt: skip
+                           "vs_raw_cold": samples_s * per_sample / (total / cold),
+                           "host_dtype": "float16" if on_cuda else "float32"}  # fmt: skip
             run.say(
                 f"[reader] {workers} workers: {samples_s:.0f} samples/s, {samples_s * per_sample / 1e6:.0f} MB/s "
                 f"(raw read {total / 1e6 / cold:.0f} MB/s cold, {total / 1e6 / warm:.0f} MB/s warm)"

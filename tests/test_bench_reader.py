@@ -31,8 +31,10 @@ def test_bench_reader_prints_and_records_its_numbers(tmp_path, capsys, cache_dir
         "disk: raw read, 256 samples kept",
         "reader, 1 process, shuffle buffer 1",
         "reader, 1 process, shuffle buffer 256",
-        "loader, 0 workers (batches)",
-        "loader, 1 workers (batches)",
+        "loader, 0 workers (float32 batches)",
+        "loader, 1 workers (float32 batches)",
+        "loader, 0 workers (float16 batches)",
+        "loader, 1 workers (float16 batches)",
     ]
     per_sample = result["bytes"] / result["samples"]
     for row in result["rows"]:

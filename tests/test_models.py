@@ -208,22 +208,37 @@ def test_visual_lm_matches_hf_model(tiny):
     torch.testing.assert_close(plain.lm_loss_sum, out.lm_loss_sum, atol=0, rtol=0)
 
 
-def test_chunked_nll_loss_and_gradients_match_unchunked(tiny):
+def test_chunked_nll_loss_and_gradients_match_unchunked(tiny, monkeypatch):
+    from torch.utils.checkpoint import checkpoint
+
+    import trainer.models.vlm as vlm_module
+
     llm, tokenizer = tiny
     batch = make_batch(tokenizer, seed=1)
     grads, losses = [], []
-    for rows_per_chunk in (None, 3):
+    # (rows per chunk, logits kept for the backward up to): one kept chunk, one recomputed chunk, many
+    # recomputed chunks of 3 tokens
+    for rows_per_chunk, keep in ((None, None), (None, 0), (3, 0)):
         projector = make_projector(llm, seed=2)
         vlm = VisualLM(llm, projector)
         if rows_per_chunk:
-            vlm.nll_chunk_elements = rows_per_chunk * llm.config.vocab_size  # many chunks of 3 tokens
+            vlm.nll_chunk_elements = rows_per_chunk * llm.config.vocab_size
+        if keep is not None:
+            vlm.nll_keep_elements = keep
+        calls = []
+        monkeypatch.setattr(vlm_module, "checkpoint", lambda *a, **kw: calls.append(1) or checkpoint(*a, **kw))
         loss = vlm(batch).lm_loss_sum
+        num_targets = int((batch["labels_BT"][:, 1:] != -100).sum())
+        assert len(calls) == (0 if keep is None else -(-num_targets // (rows_per_chunk or num_targets)))
         loss.backward()
         losses.append(loss.detach())
         grads.append([p.grad.clone() for p in projector.parameters()])
     llm.zero_grad(set_to_none=True)
-    torch.testing.assert_close(losses[0], losses[1], **TOL)
-    for a, b in zip(*grads):
+    # keeping the logits or recomputing them: the same numbers, bit for bit
+    assert torch.equal(losses[0], losses[1])
+    assert all(torch.equal(a, b) for a, b in zip(grads[0], grads[1]))
+    torch.testing.assert_close(losses[0], losses[2], **TOL)
+    for a, b in zip(grads[0], grads[2]):
         assert a.abs().sum() > 0
         torch.testing.assert_close(a, b, **TOL)
 

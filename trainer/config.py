@@ -47,6 +47,11 @@ class DataConfig:
     """system prompt of samples that have none: None = the template's own (LLaVA's for the named templates,
     whatever the LLM's chat template inserts for 'tokenizer'), '' = none (drops e.g. SmolLM2's default),
     else this text"""
+    host_dtype: Literal["auto", "float32", "float16"] = "auto"
+    """dtype of the features, expert features and label scores in the batches the loader hands over:
+    'float16' = as stored in the shards, converted to float32 on the device (half the host copies and
+    host-to-device bytes; the same values), 'float32' = converted by the loader; 'auto' = float16 on GPUs,
+    float32 on CPU (where the device is the training process itself)"""
     verify_shards: Literal["full", "size"] = "full"
     """compare every shard with its manifest before training: 'full' reads every byte once (sha256 + a
     strict decode; a passing shard is stamped in the model cache so later runs skip it), 'size' checks size,
@@ -384,6 +389,7 @@ RESUME_IGNORED = (
     "model.cache_dir",
     "model.vision.path",  # where the tower is read from; its fingerprint is checked
     "model.gradient_checkpointing",  # recomputation: the same numbers, less memory
+    "data.host_dtype",  # where float16 -> float32 happens: the same numbers
     "optim.max_nonfinite_skips",
     "checkpoint.",
     "logging.",

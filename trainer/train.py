@@ -303,10 +303,10 @@ class Trainer:
         fmt = text_format(cfg.data, cfg.stage)
         stream = build_stream(
             cfg.shards, self.manifest, self.tokenizer, fmt, cfg.data.max_length, self.layout, self.num_batches,
-            pixels=self.vlm.vision is not None,
+            pixels=self.vlm.vision is not None, float16=self.float16_batches,
         )  # fmt: skip
         self.stream = stream
-        self.batches = iter(make_loader(stream))
+        self.batches = iter(make_loader(stream, pin_memory=self.accelerator.device.type == "cuda"))
         self.heldout = self.build_heldout(fmt)
         tracking.start_trackers(acc, cfg)
         if self._resumed_rng is not None:
@@ -628,12 +628,21 @@ class Trainer:
         values.update({k: float(v) for k, v in report.items()})
         return values
 
+    @property
+    def float16_batches(self) -> bool:
+        """Whether the loader hands over the stored float16 arrays (``data.host_dtype``)."""
+        choice = self.cfg.data.host_dtype
+        return choice == "float16" or (choice == "auto" and self.accelerator.device.type == "cuda")
+
     def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The batch on this process's device, every float tensor float32 (the objectives' contract; float16
+        batches are converted here, on the device)."""
         device = self.accelerator.device
 
         def move(x):
             if isinstance(x, torch.Tensor):
-                return x.to(device, non_blocking=True)
+                x = x.to(device, non_blocking=True)
+                return x.float() if x.is_floating_point() and x.dtype != torch.float32 else x
             if isinstance(x, dict):
                 return {k: move(v) for k, v in x.items()}
             return x

@@ -28,15 +28,17 @@ def build_stream(
     layout: StreamLayout,
     start_batches: int = 0,
     pixels: bool = False,
+    float16: bool = False,
 ) -> ShardStream:
-    """``pixels``: decode every stored image with the manifest's preprocessing (an online vision tower)."""
+    """``pixels``: decode every stored image with the manifest's preprocessing (an online vision tower);
+    ``float16``: batches carry the stored float16 features and scores (converted on the device)."""
     formatter = Formatter(tokenizer, manifest.num_patches, fmt, max_length)  # type: ignore[arg-type]
     preprocess = Preprocess.from_dict(manifest.encoder.preprocess) if pixels else None
     return ShardStream(
         root,
         layout,
         transform=SampleTransform(formatter, preprocess),
-        collate=Collator(formatter.pad_id, manifest, pixels=pixels),
+        collate=Collator(formatter.pad_id, manifest, pixels=pixels, float16=float16),
         start_batches=start_batches,
         manifest=manifest,
     )

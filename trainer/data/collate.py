@@ -12,7 +12,9 @@ whose stored image is missing or cannot be decoded is unusable.
 Output: the batch dict (right padding to the longest sequence of the micro-batch). It is dense, with a mask
 for the samples without an image:
 
-    feats_BPD float32, labels_BPK int64, scores_BPK float32, experts {name: float32 [B, P_e, D_e]},
+    feats_BPD float32, labels_BPK int64, scores_BPK float32, experts {name: float32 [B, P_e, D_e]}
+    (float16, as stored, from a Collator built with ``float16=True``: the trainer then converts them on the
+    device, ``Trainer.to_device``, so a GPU run copies half the bytes and the loader converts nothing),
     has_image_B bool (False = a text-only sample: zero features and expert features, labels -1, scores -inf,
     visual_start -1, and no visual slots in its token sequence),
     pixels_BCHW float32 (only from a Collator built with ``pixels=True``: the preprocessed stored images,
@@ -139,8 +141,11 @@ class Collator:
     image sample of the batch (a batch of text-only samples then needs the manifest).
     """
 
-    def __init__(self, pad_id: int, manifest: Manifest | None = None, pixels: bool = False):
+    def __init__(
+        self, pad_id: int, manifest: Manifest | None = None, pixels: bool = False, float16: bool = False
+    ):
         self.pad_id = pad_id
+        self.float_dtype = torch.float16 if float16 else torch.float32  # of feats, scores, experts
         self.layout = sample_layout(manifest) if manifest is not None else None
         self.consecutive_unusable = 0
         self.pixel_shape: tuple[int, int, int] | None = None
@@ -187,7 +192,7 @@ class Collator:
             labels_BT[i, :n] = torch.tensor(s["text_labels"], dtype=torch.long)
             attention_mask_BT[i, :n] = 1
         image_B = [bool(s.get("has_image", True)) for s in usable]
-        arrays = self.arrays(usable, image_B, layout)
+        arrays = self.arrays(usable, image_B, layout, self.float_dtype)
         if self.pixel_shape is not None:
             arrays["pixels_BCHW"] = self.pixels(usable, image_B)
         return {
@@ -207,8 +212,11 @@ class Collator:
         }
 
     @staticmethod
-    def arrays(samples: list[dict[str, Any]], image_B: list[bool], layout) -> dict[str, Any]:
-        """feats / labels / scores / experts of the rows; text-only rows hold the documented fill values."""
+    def arrays(
+        samples: list[dict[str, Any]], image_B: list[bool], layout, float_dtype: torch.dtype = torch.float32
+    ) -> dict[str, Any]:
+        """feats / labels / scores / experts of the rows; text-only rows hold the documented fill values.
+        ``float_dtype``: of the float arrays (float16 = the stored values, copied without conversion)."""
 
         def stack(key: str, fill: float, dtype: torch.dtype) -> torch.Tensor:
             # Each row is converted straight into the batch tensor by torch's vectorised kernel (numpy's
@@ -231,10 +239,10 @@ class Collator:
 
         expert_keys = sorted(k[: -len(".npy")] for k in layout if k.startswith(EXPERT_PREFIX))
         return {
-            "feats_BPD": stack(FEAT[: -len(".npy")], 0.0, torch.float32),
+            "feats_BPD": stack(FEAT[: -len(".npy")], 0.0, float_dtype),
             "labels_BPK": stack(LABELS[: -len(".npy")], -1, torch.int64),
-            "scores_BPK": stack(SCORES[: -len(".npy")], -np.inf, torch.float32),
-            "experts": {key[len(EXPERT_PREFIX) :]: stack(key, 0.0, torch.float32) for key in expert_keys},
+            "scores_BPK": stack(SCORES[: -len(".npy")], -np.inf, float_dtype),
+            "experts": {key[len(EXPERT_PREFIX) :]: stack(key, 0.0, float_dtype) for key in expert_keys},
         }
 
     def pixels(self, samples: list[dict[str, Any]], image_B: list[bool]) -> torch.Tensor:
@@ -253,7 +261,7 @@ class Collator:
             )
         extra = {"pixels_BCHW": self.pixels([{}], [False])} if self.pixel_shape is not None else {}
         return {
-            **self.arrays([{}], [False], self.layout),
+            **self.arrays([{}], [False], self.layout, self.float_dtype),
             **extra,
             "has_image_B": torch.zeros(1, dtype=torch.bool),
             "input_ids_BT": torch.full((1, 1), self.pad_id, dtype=torch.long),

@@ -237,8 +237,9 @@ class ShardStream(IterableDataset):
             yield self.collate([next(samples) for _ in range(self.layout.batch_size)])
 
 
-def make_loader(stream: ShardStream) -> torch.utils.data.DataLoader:
-    """The plain DataLoader over a stream (never through ``accelerator.prepare``: we split it ourselves)."""
+def make_loader(stream: ShardStream, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """The plain DataLoader over a stream (never through ``accelerator.prepare``: we split it ourselves).
+    ``pin_memory`` (a CUDA run): batches in page-locked memory, so ``non_blocking`` copies overlap."""
     num_workers = stream.layout.num_workers
     return torch.utils.data.DataLoader(
         stream,
@@ -246,4 +247,5 @@ def make_loader(stream: ShardStream) -> torch.utils.data.DataLoader:
         num_workers=num_workers,
         prefetch_factor=2 if num_workers else None,
         persistent_workers=False,
+        pin_memory=pin_memory,
     )

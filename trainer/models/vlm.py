@@ -24,8 +24,10 @@ tokens select the image rows (``trainer.objectives.base.image_mask``).
 The LM loss never materialises B x T x N logits: the LLM's base model gives the final hidden states, only the
 M positions whose next token is supervised go through the output head, in chunks of at most
 ``nll_chunk_elements`` logits, each chunk's float32 cross-entropy under activation checkpointing (so backward
-recomputes a chunk's logits instead of keeping all M x N of them). Models whose logits are not plain
-``lm_head(final hidden)`` (Gemma-2 soft-capping, Cohere logit scale) are refused at construction.
+recomputes a chunk's logits instead of keeping all M x N of them). When all M x N logits are few
+(``nll_keep_elements``, e.g. a stage-1 caption), they are kept instead: the recompute would cost a GEMM for
+a few MiB. Models whose logits are not plain ``lm_head(final hidden)`` (Gemma-2 soft-capping, Cohere logit
+scale) are refused at construction.
 
 Letters: B batch, T sequence, P visual tokens (patches), D encoder width, d LLM width, N vocabulary,
 M supervised tokens in the batch, C S S the channels and side of the pixels.
@@ -104,6 +106,9 @@ class VisualLM(nn.Module):
 
     nll_chunk_elements: int = 1 << 26
     """max logits (rows x vocabulary) materialised at once by the LM loss: 2^26 fp32 = 256 MiB"""
+    nll_keep_elements: int = 1 << 22
+    """up to this many logits in all (2^22 fp32 = 16 MiB) the LM loss keeps them for the backward instead of
+    recomputing them there (the same numbers; measured on CPU with SmolLM2-135M, ~1 % of a stage-1 step)"""
 
     def __init__(
         self,
@@ -248,9 +253,10 @@ class VisualLM(nn.Module):
         vocab = int(self.llm.get_output_embeddings().weight.shape[0])
         rows = max(1, self.nll_chunk_elements // vocab)
         total = torch.zeros((), dtype=torch.float32, device=last_BTd.device)
+        recompute = num_targets * vocab > self.nll_keep_elements
         for begin in range(0, num_targets, rows):
             h_Md, t_M = hidden_Md[begin : begin + rows], targets_M[begin : begin + rows]
-            if torch.is_grad_enabled() and h_Md.requires_grad:
+            if recompute and torch.is_grad_enabled() and h_Md.requires_grad:
                 total = total + checkpoint(self._chunk_nll_sum, h_Md, t_M, use_reentrant=False)
             else:
                 total = total + self._chunk_nll_sum(h_Md, t_M)
