@@ -49,7 +49,9 @@ def test_float16_batches_convert_to_the_float32_batches(root, cache_dir):
             if key not in FLOAT_KEYS and isinstance(value, torch.Tensor):
                 assert torch.equal(value, b[key]), key
     # the text-only row keeps its fill values through float16: zeros and -inf
-    assert torch.equal(batches[0][1]["scores_BPK"][1], torch.full((16, 4), float("-inf"), dtype=torch.float16))
+    assert torch.equal(
+        batches[0][1]["scores_BPK"][1], torch.full((16, 4), float("-inf"), dtype=torch.float16)
+    )
     # the stored bytes, unconverted
     stored = torch.from_numpy(samples[0]["feat"].copy())
     assert torch.equal(batches[0][1]["feats_BPD"][0], stored)

@@ -226,7 +226,8 @@ def test_chunked_nll_loss_and_gradients_match_unchunked(tiny, monkeypatch):
         if keep is not None:
             vlm.nll_keep_elements = keep
         calls = []
-        monkeypatch.setattr(vlm_module, "checkpoint", lambda *a, **kw: calls.append(1) or checkpoint(*a, **kw))
+        counted = lambda *a, calls=calls, **kw: calls.append(1) or checkpoint(*a, **kw)  # noqa: E731
+        monkeypatch.setattr(vlm_module, "checkpoint", counted)
         loss = vlm(batch).lm_loss_sum
         num_targets = int((batch["labels_BT"][:, 1:] != -100).sum())
         assert len(calls) == (0 if keep is None else -(-num_targets // (rows_per_chunk or num_targets)))
