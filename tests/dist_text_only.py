@@ -4,7 +4,8 @@
 The rank builds the real ``Trainer`` from the command line it is given, replaces its loader by fixed
 micro-batches (``micro_batches(rank, step)``: rank 1 gets only text-only samples, rank 0 a mix, then images
 only), trains, and writes what each step saw: its losses and report (``rank{r}.json``) and the gradients
-after the DDP sync, just before the optimiser step (``grads-rank{r}-step{s}.safetensors``).
+after the DDP sync or FSDP's reduce-scatter (gathered whole), just before the optimiser step
+(``grads-rank{r}-step{s}.safetensors``).
 
     accelerate launch --multi_gpu --num_processes 2 tests/dist_text_only.py OUT -- <trainer run flags>
 """
@@ -77,8 +78,13 @@ def main(out: Path, args: list[str]) -> None:
     optimizer_step = trainer.optimizer.step
     module = acc.unwrap_model(trainer.model)
 
+    def full(grad):
+        # FSDP2: every rank holds a shard of each gradient (a DTensor); gathering it is a collective, which
+        # every rank runs for the same parameters in the same order
+        return grad.full_tensor() if hasattr(grad, "full_tensor") else grad.detach().clone()
+
     def step_and_save(*a, **k):
-        grads = {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
+        grads = {n: full(p.grad) for n, p in module.named_parameters() if p.grad is not None}
         save_file(grads, str(out / f"grads-rank{rank}-step{trainer.step}.safetensors"))
         return optimizer_step(*a, **k)
 

@@ -1,5 +1,5 @@
-"""Two processes (gloo, CPU) where one rank's micro-batches are text-only, with ``sea+basic+distill``: the run
-neither hangs nor differs from the rule, and every rank refuses a damaged shard that only one of them read.
+"""Two processes (gloo, CPU) where one rank's micro-batches are text-only, with ``sea+basic+distill``, under DDP
+and under FSDP2: the run neither hangs nor differs from the rule, and every rank refuses a damaged shard that only one of them read.
 
 The reference is a single-process recomputation of the same micro-batches: the same ``TrainModule`` built
 from the same config, each rank's micro-batch forwarded with that rank's ``StepContext``, gradients averaged
@@ -84,11 +84,13 @@ def reference(shards: Path, run: Path):
     return losses, grads
 
 
-def test_a_text_only_rank_follows_the_rule(cache_dir, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_text_only_rank_follows_the_rule(cache_dir, tmp_path, strategy):
     shards = D.write_shards(tmp_path / "shards")
     run, out = tmp_path / "run", tmp_path / "out"
     out.mkdir()
-    launch(cache_dir, str(Path(D.__file__)), str(out), "--", *run_flags(shards, run))
+    flags = [*run_flags(shards, run), "--parallel.strategy", strategy]
+    launch(cache_dir, str(Path(D.__file__)), str(out), "--", *flags)
     got = {r: json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)}
     want_losses, want_grads = reference(shards, run)
     for rank in (0, 1):
@@ -113,7 +115,7 @@ def test_a_text_only_rank_follows_the_rule(cache_dir, tmp_path):
             assert diff <= 1e-4 * float(want.abs().max()) + 1e-10, (step, name, diff)
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2]
-    print("\n2-process text-only run, rank 1 all text:")
+    print(f"\n2-process text-only run ({strategy}), rank 1 all text:")
     for rank in (0, 1):
         for record in got[rank]:
             print(f"  rank {rank} step {record['step']}: " + ", ".join(
