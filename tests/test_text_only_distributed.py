@@ -1,5 +1,6 @@
-"""Two processes (gloo, CPU) where one rank's micro-batches are text-only, with ``sea+basic+distill``, under DDP
-and under FSDP2: the run neither hangs nor differs from the rule, and every rank refuses a damaged shard that only one of them read.
+"""Two processes (gloo, CPU) where one rank's micro-batches are text-only, with ``sea+basic+distill``, under
+DDP and under FSDP2: the run neither hangs nor differs from the rule, and every rank refuses a damaged shard
+that only one of them read.
 
 The reference is a single-process recomputation of the same micro-batches: the same ``TrainModule`` built
 from the same config, each rank's micro-batch forwarded with that rank's ``StepContext``, gradients averaged

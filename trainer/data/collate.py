@@ -219,8 +219,9 @@ class Collator:
         ``float_dtype``: of the float arrays (float16 = the stored values, copied without conversion)."""
 
         def stack(key: str, fill: float, dtype: torch.dtype) -> torch.Tensor:
-            # Each row is converted straight into the batch tensor by torch's vectorised kernel (numpy's
-            # float16 -> float32 cast is several times slower), with no stacked float16 copy in between.
+            # Each row is copied straight into the batch tensor by torch's vectorised kernel, converted on
+            # the way when the batch is float32 (numpy's float16 -> float32 cast is several times slower),
+            # with no stacked copy in between.
             # In a DataLoader worker the batch lives in shared memory (see _empty).
             shape, _ = layout[f"{key}.npy"]
             out = _empty((len(samples), *shape), dtype)
